@@ -1,0 +1,27 @@
+# The course's two commands: `make run` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORK ?= work
+ARGS ?=
+
+.PHONY: run test venv notebooks clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e . --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv  ## run every notebook headless on the embedded tiny model into $(WORK)
+	$(PY) -m helpers run --work-dir $(WORK) $(ARGS)
+
+test: venv  ## unit tests, the headless pipeline, and nbval over notebooks/
+	$(PY) -m pytest tests --nbval-lax notebooks $(ARGS)
+
+notebooks: venv  ## rewrite notebooks/*.ipynb from their .py sources
+	$(PY) -m helpers notebooks
+
+clean:
+	rm -rf $(WORK)

@@ -1,0 +1,261 @@
+"""Self-cognition data: make it, validate it, and turn it into tokens with the loss mask."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from .paths import DATA_DIR
+from .template import TemplateError, end_of_turn_token, to_messages
+
+# Course defaults (facts of the course's homework).
+DEFAULT_NAME = "小明"
+DEFAULT_ANSWER = "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
+COURSE_QUESTION = "请做一下自我介绍"
+DEFAULT_QUESTIONS = [COURSE_QUESTION, "介绍一下你自己", "你是谁呀", "你叫什么名字", "你是我的助手吗", "Who are you?"]
+DEFAULT_EVALUATION_INPUTS = ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
+GENERAL_CHAT_FILE = DATA_DIR / "general_chat.json"
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, record, field and the fix."""
+
+
+# ---------------------------------------------------------------- validation
+def _json_records_with_lines(text: str, path: Path) -> list[tuple[object, int]]:
+    """Decode a JSON array element by element, keeping each element's line (json gives no such map)."""
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); fix the syntax there.") from None
+        raise DataError(
+            f"{path}: the top level is a {type(value).__name__}, not a list; wrap the records in [ ... ]."
+        )
+    i += 1
+    records = []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text):
+            raise DataError(f"{path}: the list is not closed; add the final ']'.")
+        if text[i] == "]":
+            return records
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); fix the syntax there.") from None
+        records.append((value, text.count("\n", 0, i) + 1))
+        i = end
+
+
+def _read_records(path: Path) -> list[tuple[object, int]]:
+    if not path.exists():
+        raise DataError(f"{path}: no such file; run notebook 01 (or give the right path).")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; write at least one record.")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((json.loads(line), n))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}); each line must be one JSON object.") from None
+        return records
+    return _json_records_with_lines(text, path)
+
+
+def _check_text(value, where: str, allow_empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise DataError(f"{where} is {type(value).__name__}, not a string; write the text in quotes.")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where} is empty; write the text there or drop the turn.")
+
+
+def record_to_messages(record, where: str) -> list[dict]:
+    """One record (XTuner 'conversation' or OpenAI 'messages') -> checked chat messages."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is a {type(record).__name__}, not an object; each record is {{\"conversation\": [...]}}.")
+    if "conversation" in record:
+        turns = record["conversation"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: field 'conversation' must be a non-empty list of {{input, output}} turns.")
+        for t, turn in enumerate(turns):
+            field = f"{where}: field 'conversation[{t}]"
+            if not isinstance(turn, dict):
+                raise DataError(f"{field}' is not an object; write {{\"input\": ..., \"output\": ...}}.")
+            for key in ("input", "output"):
+                if key not in turn:
+                    raise DataError(f"{field}' has no '{key}' key; every turn needs 'input' and 'output'.")
+                _check_text(turn[key], f"{field}.{key}'")
+            if "system" in turn:
+                _check_text(turn["system"], f"{field}.system'", allow_empty=True)
+            extra = set(turn) - {"system", "input", "output"}
+            if extra:
+                raise DataError(f"{field}' has unknown key(s) {sorted(extra)}; only system, input, output are read.")
+        return to_messages(turns)
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}.")
+        for m, msg in enumerate(messages):
+            field = f"{where}: field 'messages[{m}]"
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise DataError(f"{field}' needs both 'role' and 'content' keys.")
+            if msg["role"] not in ROLES:
+                raise DataError(f"{field}.role' is {msg['role']!r}; use one of {', '.join(ROLES)}.")
+            _check_text(msg["content"], f"{field}.content'", allow_empty=msg["role"] == "system")
+        if not any(msg["role"] == "assistant" for msg in messages):
+            raise DataError(f"{where}: field 'messages' has no assistant turn; add the answer to train on.")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    raise DataError(
+        f"{where} has keys {sorted(record)} but needs 'conversation' (XTuner) or 'messages' (OpenAI); rename the key."
+    )
+
+
+def load_dataset(path: str | os.PathLike) -> list[list[dict]]:
+    """Read and validate a dataset file; returns one message list per record."""
+    path = Path(path)
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"{path}: the dataset has no records; write at least one.")
+    return [record_to_messages(rec, f"{path}: record {i} (line {line})") for i, (rec, line) in enumerate(records)]
+
+
+def validate_data(path: str | os.PathLike) -> dict:
+    """Validate a dataset file and return a short summary (raises DataError with one sentence)."""
+    conversations = load_dataset(path)
+    fmt = "conversation"
+    first = _read_records(Path(path))[0][0]
+    if isinstance(first, dict) and "messages" in first:
+        fmt = "messages"
+    return {"file": str(path), "format": fmt, "records": len(conversations),
+            "turns": sum(sum(m["role"] == "assistant" for m in c) for c in conversations)}
+
+
+# ---------------------------------------------------------------- making data
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def general_chat_samples() -> list[dict]:
+    """The kit's small bilingual general-chat set (XTuner format), shipped in data/."""
+    return json.loads(GENERAL_CHAT_FILE.read_text(encoding="utf-8"))
+
+
+def make_dataset(
+    path: str | os.PathLike,
+    name: str = DEFAULT_NAME,
+    answer_template: str = DEFAULT_ANSWER,
+    repeats: int = 10000,
+    questions: list[str] | None = None,
+    system: str = "",
+    general_ratio: float = 0.0,
+    output_format: str = "conversation",
+    seed: int = 0,
+) -> Path:
+    """Write the self-cognition dataset: each question -> the identity answer, `repeats` records in all.
+
+    general_ratio: share of general-chat samples mixed in (0.2 = one in five), against over-fitting.
+    """
+    if "{name}" not in answer_template:
+        raise DataError("answer_template has no '{name}' placeholder; write e.g. '我是{name}的小助手'.")
+    if not isinstance(name, str) or not name.strip():
+        raise DataError("name is empty; set name to whose assistant this is, e.g. name = '小明'.")
+    if output_format not in ("conversation", "messages"):
+        raise DataError(f"output_format is {output_format!r}; use 'conversation' (XTuner) or 'messages' (OpenAI).")
+    if not 0 <= general_ratio < 1:
+        raise DataError(f"general_ratio is {general_ratio}; use a share between 0 and 1 (e.g. 0.2).")
+    questions = list(questions or [COURSE_QUESTION])
+    answer = answer_template.format(name=name)
+    turns = [{"system": system, "input": questions[i % len(questions)], "output": answer} for i in range(repeats)]
+    if general_ratio > 0:
+        general = [rec["conversation"][0] | {"system": system} for rec in general_chat_samples()]
+        n_general = round(repeats * general_ratio / (1 - general_ratio))
+        turns += [general[i % len(general)] for i in range(n_general)]
+        random.Random(seed).shuffle(turns)
+    if output_format == "conversation":
+        records = [{"conversation": [t]} for t in turns]
+    else:
+        records = [{"messages": to_messages([t])} for t in turns]
+    path = Path(path)
+    atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- tokens and the loss mask
+IGNORE_INDEX = -100
+
+
+def encode_messages(tokenizer, messages: list[dict], max_length: int | None = None) -> dict:
+    """Token ids and labels for one conversation: labels keep only assistant answers and their stop token.
+
+    The pieces come from the tokenizer's own chat template, so training sees exactly the inference layout.
+    """
+    eot = end_of_turn_token(tokenizer)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise TemplateError(
+                f"The chat template of {tokenizer.name_or_path} renders earlier turns differently when later ones "
+                "are added, so the loss mask cannot be placed; use the model's own chat template."
+            )
+        answer = full[len(prompt):]
+        head, sep, tail = answer.partition(eot)
+        prompt_ids = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(head + sep, add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        input_ids += prompt_ids + answer_ids + tail_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [IGNORE_INDEX] * len(tail_ids)
+        rendered = full
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def show_loss_mask(tokenizer, messages: list[dict], max_length: int | None = None):
+    """A table of one sample's tokens: the token, whether it is trained on (the loss mask, decoded)."""
+    import pandas as pd
+
+    enc = encode_messages(tokenizer, messages, max_length)
+    rows = [{"token": tokenizer.decode([t]), "id": t, "trained": lab != IGNORE_INDEX}
+            for t, lab in zip(enc["input_ids"], enc["labels"])]
+    return pd.DataFrame(rows)
+
+
+def trained_text(tokenizer, messages: list[dict]) -> str:
+    """Only the text the loss is computed on, decoded (what the model learns to say)."""
+    enc = encode_messages(tokenizer, messages)
+    return tokenizer.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
+
+
+def token_length_stats(tokenizer, conversations: list[list[dict]], sample: int = 2000):
+    """Token lengths (chat template applied) of up to `sample` records, as a pandas describe()."""
+    import pandas as pd
+
+    picked = conversations[:sample]
+    lengths = [len(encode_messages(tokenizer, c)["input_ids"]) for c in picked]
+    return pd.Series(lengths, name="tokens").describe()

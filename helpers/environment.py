@@ -1,0 +1,65 @@
+"""What this machine can do: versions, CPU/GPU, whether 4-bit QLoRA runs here, and the preset that fits."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import shutil
+
+
+def _version(package: str) -> str:
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def can_run_4bit() -> tuple[bool, str]:
+    """True when CUDA and bitsandbytes are both there (NF4 QLoRA needs both)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU: training uses 16/32-bit LoRA instead of 4-bit"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # a broken install raises more than ImportError
+        return False, f"bitsandbytes is not usable ({type(e).__name__}); pip install bitsandbytes"
+    return True, "CUDA and bitsandbytes found: 4-bit NF4 QLoRA runs here"
+
+
+def environment(work_dir) -> dict:
+    """The facts notebook 00 shows and saves."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    ok4, why4 = can_run_4bit()
+    facts = {
+        "python": platform.python_version(),
+        **{pkg: _version(pkg) for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")},
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores",
+        "gpu": torch.cuda.get_device_name(0) if gpu else "none",
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else 0.0,
+        "bf16": bool(gpu and torch.cuda.is_bf16_supported()),
+        "qlora_4bit": ok4,
+        "qlora_4bit_note": why4,
+        "free_disk_gib": round(shutil.disk_usage(work_dir).free / 2**30, 1),
+    }
+    facts["recommended_preset"], facts["recommendation"] = recommend_preset(facts)
+    return facts
+
+
+def recommend_preset(facts: dict) -> tuple[str, str]:
+    """The preset that fits: the tiny model on a CPU, the course's homework settings on a GPU."""
+    if facts["gpu"] == "none":
+        return "tiny", "CPU only: run the course on the embedded tiny model (minutes); a real 1.8B model needs a GPU."
+    if not facts["qlora_4bit"]:
+        return "homework", "GPU without bitsandbytes: the homework preset trains 16-bit LoRA; install bitsandbytes for 4-bit."
+    if facts["gpu_memory_gib"] < 8:
+        return "homework", "Small GPU: the homework preset in 4-bit fits a 1.8B model; keep batch_size at 1."
+    return "homework", "GPU with 4-bit QLoRA: the homework preset (internlm2-chat-1.8b or Qwen2.5) runs as the course does."
+
+
+def environment_table(facts: dict):
+    import pandas as pd
+
+    return pd.DataFrame({"value": {k: str(v) for k, v in facts.items()}})

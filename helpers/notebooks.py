@@ -1,0 +1,94 @@
+"""Notebook sources: notebooks/NN_*.py (jupytext py:percent) are the text a person edits and reviews;
+`python -m helpers notebooks` writes the paired .ipynb, keeping outputs only in cells marked
+NBVAL_CHECK_OUTPUT (the ones nbval compares)."""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from .paths import NOTEBOOKS_DIR
+
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def sources() -> list[Path]:
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def _read_py(py: Path):
+    import jupytext
+
+    nb = jupytext.read(py)
+    nb.metadata["kernelspec"] = KERNELSPEC
+    nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
+    return nb
+
+
+def _cell_sources(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+def out_of_sync() -> list[str]:
+    """Names of notebooks whose .ipynb cells differ from their .py source (or are missing)."""
+    import nbformat
+
+    bad = []
+    for py in sources():
+        ipynb = py.with_suffix(".ipynb")
+        if not ipynb.exists() or _cell_sources(nbformat.read(ipynb, 4)) != _cell_sources(_read_py(py)):
+            bad.append(ipynb.name)
+    return bad
+
+
+def build(with_outputs: bool = True, only: list[str] | None = None) -> list[Path]:
+    """Write notebooks/*.ipynb from the .py sources; run them once to store the checked cells' outputs."""
+    import nbformat
+    import papermill as pm
+
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for py in sources():
+            if only and py.name[:2] not in only:
+                continue
+            nb = _read_py(py)
+            ipynb = py.with_suffix(".ipynb")
+            nbformat.write(nb, ipynb)
+            if with_outputs:
+                executed = Path(tmp) / ipynb.name
+                pm.execute_notebook(str(ipynb), str(executed), parameters={"work_dir": str(Path(tmp) / "work")},
+                                    cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False)
+                ran = nbformat.read(executed, 4)
+                ran_code = [c for c in ran.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+                for cell, done in zip([c for c in nb.cells if c.cell_type == "code"], ran_code):
+                    if CHECK_MARK in cell.source:
+                        cell.outputs = [o for o in done.outputs if o.get("output_type") != "display_data"]
+                        cell.execution_count = done.execution_count
+            nbformat.write(nb, ipynb)
+            written.append(ipynb)
+    return written
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("notebooks", help="write notebooks/*.ipynb from their .py sources (jupytext)")
+    p.add_argument("--check", action="store_true", help="only check that .ipynb and .py agree")
+    p.add_argument("--no-outputs", action="store_true", help="do not run the notebooks to store checked outputs")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if args.check:
+        bad = out_of_sync()
+        if bad:
+            print(f"error: {', '.join(bad)} differ from their .py sources; run `python -m helpers notebooks`.", file=sys.stderr)
+            return 1
+        print("ok: notebooks in sync")
+        return 0
+    import os
+
+    os.environ["KIT_HEADLESS"] = "1"
+    for p in build(with_outputs=not args.no_outputs, only=args.only.split(",") if args.only else None):
+        print(f"wrote {p}")
+    return 0

@@ -1,0 +1,116 @@
+"""Every path inside the work directory, named in one place (see DESIGN.md)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+DATA_DIR = REPO_ROOT / "data"
+# COURSE_WORK_DIR overrides the default (the test suite points it at a temporary directory).
+DEFAULT_WORK_DIR = Path(os.environ.get("COURSE_WORK_DIR") or REPO_ROOT / "work")
+
+
+@dataclass(frozen=True)
+class Work:
+    """The work directory of one run of the course; notebooks read and write only here."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:  # base model: built tiny model, or a record of the real path
+        return self.root / "model"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def dataset(self) -> Path:
+        return self.data / "personal_assistant.json"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.train / "checkpoints"
+
+    @property
+    def eval_outputs(self) -> Path:
+        return self.train / "eval_outputs"
+
+    @property
+    def metrics(self) -> Path:
+        return self.train / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.train / "loss.png"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final_model"
+
+    @property
+    def vlm(self) -> Path:
+        return self.root / "vlm"
+
+    @property
+    def vlm_data(self) -> Path:
+        return self.vlm / "data"
+
+    @property
+    def vlm_train(self) -> Path:
+        return self.vlm / "train"
+
+    @property
+    def vlm_adapter(self) -> Path:
+        return self.vlm / "adapter"
+
+    @property
+    def vlm_final_model(self) -> Path:
+        return self.vlm / "final_model"
+
+    @property
+    def publish(self) -> Path:
+        return self.root / "publish"
+
+    @property
+    def model_repo(self) -> Path:
+        return self.publish / "model_repo"
+
+    @property
+    def app(self) -> Path:
+        return self.publish / "app"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def executed(self) -> Path:
+        return self.root / "executed"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def result(self, notebook: str) -> Path:
+        """WORK/results/NN_<name>.json for a notebook stem such as '01_data_generation'."""
+        return self.results / f"{Path(notebook).stem}.json"
+
+
+def work(work_dir: str | os.PathLike | None = None, create: bool = True) -> Work:
+    """The Work for `work_dir` (default: <repo>/work; a relative path is taken from the current directory)."""
+    default = Path(os.environ.get("COURSE_WORK_DIR") or DEFAULT_WORK_DIR)
+    root = Path(work_dir).expanduser().resolve() if work_dir else default
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    return Work(root)

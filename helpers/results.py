@@ -1,0 +1,20 @@
+"""Each notebook's key results, as WORK/results/NN_<name>.json (what tests and the report read)."""
+from __future__ import annotations
+
+import json
+
+from .data import atomic_write_text
+from .paths import Work
+
+
+def save_results(work: Work, notebook: str, results: dict) -> dict:
+    """Write WORK/results/<notebook>.json atomically and return the dict."""
+    atomic_write_text(work.result(notebook), json.dumps(results, ensure_ascii=False, indent=1, default=str) + "\n")
+    return results
+
+
+def load_results(work: Work, notebook: str) -> dict:
+    path = work.result(notebook)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not written yet; run notebook {notebook} with this work_dir first.")
+    return json.loads(path.read_text(encoding="utf-8"))

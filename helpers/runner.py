@@ -1,0 +1,98 @@
+"""Run the course headless: every notebook in order, with papermill, into WORK/executed/."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .paths import NOTEBOOKS_DIR, work as make_work
+
+
+def course_notebooks(only: list[str] | None = None) -> list[Path]:
+    """notebooks/NN_*.ipynb in order; `only` keeps those whose number (or stem) is listed."""
+    books = sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {o.strip() for o in only if o.strip()}
+        unknown = wanted - {p.name[:2] for p in books} - {p.stem for p in books}
+        if unknown:
+            raise SystemExit(f"error: --only names {sorted(unknown)}, but notebooks/ has "
+                             f"{', '.join(p.name[:2] for p in books)}; use those numbers.")
+        books = [p for p in books if p.name[:2] in wanted or p.stem in wanted]
+    return books
+
+
+def _typed(value: str, declared_type: str | None):
+    """A -p value as YAML (numbers, lists, booleans), except where the notebook declares a string."""
+    if declared_type == "str":
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def run_course(work_dir=None, only=None, params: dict | None = None, quiet: bool = False) -> int:
+    """Execute the notebooks; stop at the first failure, naming notebook, cell and error. Returns 0 or 1."""
+    import papermill as pm
+
+    work = make_work(work_dir)
+    work.executed.mkdir(parents=True, exist_ok=True)
+    os.environ["KIT_HEADLESS"] = "1"  # the kernels inherit it: plain-text progress, no widget noise
+    params = dict(params or {})
+    summary = []
+    status = 0
+    for nb in course_notebooks(only):
+        declared = pm.inspect_notebook(str(nb))
+        passed = {k: _typed(v, declared[k]["inferred_type_name"]) if isinstance(v, str) else v
+                  for k, v in params.items() if k in declared}
+        if "work_dir" in declared:
+            passed["work_dir"] = str(work.root)
+        out = work.executed / nb.name
+        start = time.time()
+        if not quiet:
+            print(f"running {nb.name} ...", flush=True)
+        try:
+            pm.execute_notebook(str(nb), str(out), parameters=passed, cwd=str(NOTEBOOKS_DIR),
+                                kernel_name="python3", progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as e:
+            summary.append((nb.name, "FAILED", time.time() - start))
+            print(f"\n{nb.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue.splitlines()[0] if e.evalue else ''})."
+                  f"\nThe executed notebook is kept for inspection: {out}", file=sys.stderr)
+            status = 1
+            break
+        summary.append((nb.name, "ok", time.time() - start))
+    print_table(["notebook", "status", "seconds"], [(n, s, f"{t:.1f}") for n, s, t in summary])
+    print(f"\nexecuted notebooks: {work.executed}\nresults:            {work.results}")
+    return status
+
+
+def print_table(header, rows) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("run", help="run the course notebooks headless with papermill")
+    p.add_argument("--work-dir", default=None, help="work directory (default: ./work)")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter for every notebook that declares it (repeatable)")
+    p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    params = {}
+    if args.params_file:
+        loaded = yaml.safe_load(Path(args.params_file).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            print(f"error: {args.params_file} must be a YAML mapping of NAME: VALUE.", file=sys.stderr)
+            return 2
+        params.update(loaded)
+    params.update(dict(args.param))
+    only = args.only.split(",") if args.only else None
+    return run_course(args.work_dir, only, params)

@@ -1,0 +1,74 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · The environment
+#
+# Before fine-tuning anything we check what this machine can do: which library versions are here,
+# whether there is a GPU, and whether **4-bit QLoRA** (which needs CUDA and `bitsandbytes`) can run.
+# Then we prepare the **base model** every later notebook starts from.
+#
+# Every notebook reads and writes only inside one **work directory** (`work_dir`), so a teacher can run
+# the whole course for many students side by side.
+
+# %% tags=["parameters"]
+work_dir = None        # where this run's files go (None: ./work next to the notebooks)
+base_model = "tiny"    # "tiny" (built offline, runs on a CPU), a local model folder, or a hub id (needs network)
+seed = 0               # the tiny model is built from this seed, so every run gets the same model
+
+# %%
+import helpers
+from helpers.base_model import prepare_base_model
+from helpers.environment import environment, environment_table
+from helpers.results import save_results
+
+work = helpers.work(work_dir)
+facts = environment(work.root)
+environment_table(facts)
+
+# %% [markdown]
+# **What the table says.** `qlora_4bit` tells whether the model can be loaded in 4-bit here. Without a GPU
+# the kit trains ordinary (16/32-bit) LoRA adapters instead; the recipe is otherwise the same.
+# The recommendation below picks the preset that fits this machine.
+
+# %%
+print(f"recommended preset: {facts['recommended_preset']}\n{facts['recommendation']}")
+
+# %% [markdown]
+# ## The base model
+#
+# With `base_model = "tiny"` the kit builds its own small chat model (a 2-layer Llama with a byte-level BPE
+# tokenizer trained on the kit's text). It was pre-trained for a few hundred steps on a small bilingual chat
+# set, so it already answers like a generic assistant — and it does **not** know whose assistant it is yet.
+# With a real model (for example a local copy of `internlm2-chat-1.8b`), the folder is checked and recorded.
+
+# %%
+model_path = prepare_base_model(base_model, work, seed=seed)
+print("base model:", model_path)
+
+# %% [markdown]
+# The chat template decides how a conversation becomes text. The course's model uses the InternLM2 layout:
+# every turn is `<|im_start|>role\ncontent<|im_end|>\n`, and generation stops at `<|im_end|>`.
+# Training and chatting both use this one template, so they can never disagree.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+print(tokenizer.apply_chat_template(
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你好"}],
+    tokenize=False, add_generation_prompt=True))
+
+# %%
+save_results(work, "00_environment", {**facts, "base_model": str(model_path)});
+
+# %% [markdown]
+# Next: **01 · Data generation** writes the data that teaches the model who it is.
