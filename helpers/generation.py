@@ -1,0 +1,31 @@
+"""Answering questions with a chat model: greedy, with the model's own chat template and stop tokens."""
+from __future__ import annotations
+
+from .template import stop_token_ids
+
+
+def build_messages(question: str, system: str = "", history: list[dict] | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + list(history or []) + [{"role": "user", "content": question}]
+
+
+def generate_answers(model, tokenizer, questions: list[str], system: str = "", max_new_tokens: int = 64,
+                     **generate_kwargs) -> list[str]:
+    """Greedy answers, one per question (one at a time: no padding effects, identical to chatting)."""
+    import torch
+
+    stop = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    was_training = model.training
+    model.eval()
+    answers = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for q in questions:
+            enc = tokenizer.apply_chat_template(build_messages(q, system), add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+            answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    if was_training:
+        model.train()
+    return answers
