@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "helpers.runner",
     "helpers.validate",
     "helpers.notebooks",
+    "helpers.chat",
 ]
 
 

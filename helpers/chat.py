@@ -1,0 +1,288 @@
+"""Chatting with a model: token streaming, multi-turn history, the before/after table, the notebook
+widget, and the terminal chat (`python -m helpers chat MODEL_DIR`) and web demo (`python -m helpers web`)."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base_model import ModelPathError
+from .generation import build_messages, generate_answers
+from .merge import AdapterError, load_model, load_tokenizer
+from .template import TemplateError, stop_token_ids
+
+RESET, EXIT = "RESET", "EXIT"  # the terminal chat's commands, as in the course's chat tool
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (the same answer every time)
+    top_p: float = 1.0
+
+
+def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None):
+    """(model, tokenizer) for chatting: a full model, or a base model with an adapter on top."""
+    return load_model(model_dir, adapter), load_tokenizer(model_dir, adapter)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings | None = None):
+    """Yield the assistant's reply piece by piece as it is generated (TextIteratorStreamer + a thread)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    settings = settings or GenerationSettings()
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    sample = settings.temperature > 0
+    kwargs = dict(**enc, streamer=streamer, max_new_tokens=int(settings.max_new_tokens), do_sample=sample,
+                  eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
+                  pad_token_id=tokenizer.pad_token_id)
+    if sample:
+        kwargs.update(temperature=float(settings.temperature), top_p=float(settings.top_p))
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    errors = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as e:  # re-raised in the caller's thread after the streamer ends
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@dataclass
+class ChatSession:
+    """A conversation: the system prompt, the turns so far, and the generation settings."""
+
+    model: object
+    tokenizer: object
+    system: str = ""
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    history: list[dict] = field(default_factory=list)
+
+    def send(self, text: str):
+        """Yield the reply's pieces; when it is complete, the turn joins the history."""
+        pieces = []
+        for piece in stream_reply(self.model, self.tokenizer, build_messages(text, self.system, self.history),
+                                  self.settings):
+            pieces.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def ask(self, text: str) -> str:
+        return "".join(self.send(text)).strip()
+
+    def reset(self) -> None:
+        self.history = []
+
+
+# --- the terminal chat --------------------------------------------------------------------------
+
+def run_cli(session: ChatSession, stdin=None, stdout=None) -> int:
+    """Read a line, stream the answer; RESET starts over, EXIT (or end of input) quits."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    print(f"Chat started. Type {RESET} to clear the history, {EXIT} to quit.", file=stdout, flush=True)
+    while True:
+        print("\n用户 >>> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == EXIT:
+            print("\nbye", file=stdout, flush=True)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == RESET:
+            session.reset()
+            print("(history cleared)", file=stdout, flush=True)
+            continue
+        print("助手 >>> ", end="", file=stdout, flush=True)
+        for piece in session.send(text):
+            print(piece, end="", file=stdout, flush=True)
+        print(file=stdout, flush=True)
+
+
+# --- before / after ------------------------------------------------------------------------------
+
+def before_after(base_model, final_model, evaluation_inputs: list[str], general: list[dict],
+                 system: str = "", max_new_tokens: int = 64):
+    """The same prompts answered by the base model and by final_model, side by side (a DataFrame).
+
+    `general` holds {"input", "output"} pairs: ordinary questions with a reference answer.
+    """
+    import pandas as pd
+
+    questions = list(evaluation_inputs) + [g["input"] for g in general]
+    kinds = ["evaluation"] * len(evaluation_inputs) + ["general"] * len(general)
+    references = [""] * len(evaluation_inputs) + [g["output"] for g in general]
+    columns = {}
+    for label, path in (("before", base_model), ("after", final_model)):
+        model, tokenizer = load_chat_model(path)
+        columns[label] = generate_answers(model, tokenizer, questions, system=system, max_new_tokens=max_new_tokens)
+        del model
+    return pd.DataFrame({"kind": kinds, "question": questions, "before": columns["before"],
+                         "after": columns["after"], "reference": references})
+
+
+def overfitting_check(table, identity: str) -> dict:
+    """On general questions: how often final_model answers with its identity instead of the question."""
+    general = table[table["kind"] == "general"]
+    evaluation = table[table["kind"] == "evaluation"]
+    leaked = general["after"].str.contains(identity, regex=False)
+    return {"general_questions": int(len(general)), "identity_on_general": int(leaked.sum()),
+            "identity_share_on_general": float(leaked.mean()) if len(general) else 0.0,
+            "general_unchanged": int((general["before"] == general["after"]).sum()),
+            "identity_on_evaluation": int(evaluation["after"].str.contains(identity, regex=False).sum()),
+            "evaluation_questions": int(len(evaluation)),
+            "overfitted": bool(len(general) and leaked.mean() > 0.5)}
+
+
+def general_questions(n: int | None = None) -> list[dict]:
+    """The kit's general chat samples as {"input", "output"} pairs (data/general_chat.json)."""
+    from .data import general_chat_samples
+
+    pairs = [r["conversation"][0] for r in general_chat_samples()]
+    return [{"input": p["input"], "output": p["output"]} for p in pairs[:n]]
+
+
+# --- the notebook widget -------------------------------------------------------------------------
+
+class ChatWidget:
+    """An ipywidgets chat: a transcript, a text box, Send / Reset, and the generation settings."""
+
+    def __init__(self, session: ChatSession):
+        import ipywidgets as w
+
+        self.session = session
+        s = session.settings
+        self.max_new_tokens = w.IntSlider(value=s.max_new_tokens, min=8, max=1024, step=8, description="max tokens")
+        self.temperature = w.FloatSlider(value=s.temperature, min=0.0, max=1.5, step=0.05, description="temperature")
+        self.top_p = w.FloatSlider(value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p")
+        self.system = w.Text(value=session.system, description="system", layout=w.Layout(width="95%"))
+        self.transcript = w.HTML(layout=w.Layout(border="1px solid #ccc", padding="6px", min_height="120px"))
+        self.text = w.Text(placeholder="Type a message and press Enter", layout=w.Layout(width="70%"))
+        self.send_button = w.Button(description="Send", button_style="primary")
+        self.reset_button = w.Button(description="Reset")
+        self.send_button.on_click(lambda _: self.ask(self.text.value))
+        self.reset_button.on_click(lambda _: self.reset())
+        self.text.continuous_update = False
+        self.text.observe(lambda change: self.ask(change["new"]), names="value")
+        self.ui = w.VBox([w.HBox([self.max_new_tokens, self.temperature, self.top_p]), self.system,
+                          self.transcript, w.HBox([self.text, self.send_button, self.reset_button])])
+        self._render()
+
+    def _render(self, pending: str | None = None, partial: str = "") -> None:
+        import html
+
+        rows = [(m["role"], m["content"]) for m in self.session.history]
+        if pending is not None:
+            rows += [("user", pending), ("assistant", partial + " ▌")]
+        self.transcript.value = "".join(
+            f"<p><b>{'你' if role == 'user' else '助手'}:</b> {html.escape(text)}</p>" for role, text in rows) or \
+            "<i>(no messages yet)</i>"
+
+    def ask(self, text: str) -> str:
+        """Send `text` as the Send button does (also callable from code), streaming into the transcript."""
+        text = (text or "").strip()
+        if not text:
+            return ""
+        self.text.value = ""
+        self.session.system = self.system.value
+        self.session.settings = GenerationSettings(self.max_new_tokens.value, self.temperature.value, self.top_p.value)
+        partial = ""
+        for piece in self.session.send(text):
+            partial += piece
+            self._render(text, partial)
+        self._render()
+        return self.session.history[-1]["content"]
+
+    def reset(self) -> None:
+        self.session.reset()
+        self._render()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.ui)
+
+
+def chat_widget(model, tokenizer, system: str = "", settings: GenerationSettings | None = None) -> ChatWidget:
+    return ChatWidget(ChatSession(model, tokenizer, system, settings or GenerationSettings()))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def _default_model_dir() -> str:
+    from .paths import work
+
+    return str(work(create=False).final_model)
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streams; RESET / EXIT)")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on top of MODEL_DIR")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--image", default=None, help="an image file: chat with a vision-language model about it")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=_chat)
+    w = sub.add_parser("web", help="the Streamlit chat demo in the browser")
+    w.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
+    w.add_argument("--port", type=int, default=8501)
+    w.add_argument("--address", default="localhost", help="address to listen on (0.0.0.0: every interface)")
+    w.set_defaults(func=_web)
+
+
+def _chat(args) -> int:
+    from .progress import quiet_libraries
+
+    quiet_libraries()
+    model_dir = args.model_dir or _default_model_dir()
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    try:
+        if args.image:
+            from . import vlm_chat
+
+            return int(vlm_chat.run_cli(model_dir, args.image, args.system) or 0)
+        model, tokenizer = load_chat_model(model_dir, args.adapter)
+        stop_token_ids(tokenizer, model.generation_config)
+    except (ModelPathError, AdapterError, TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_cli(ChatSession(model, tokenizer, args.system, settings))
+
+
+def web_command(model_dir, port: int = 8501, address: str = "localhost") -> list[str]:
+    """The streamlit command line that serves helpers/web_app.py for `model_dir`."""
+    app = Path(__file__).with_name("web_app.py")
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+            "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--", "--model-dir", str(Path(model_dir).resolve())]
+
+
+def _web(args) -> int:
+    from .base_model import check_model_dir
+
+    model_dir = args.model_dir or _default_model_dir()
+    try:
+        check_model_dir(model_dir)
+    except ModelPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Serving the chat demo for {model_dir} at http://{args.address}:{args.port} (Ctrl+C stops it)", flush=True)
+    command = web_command(model_dir, args.port, args.address)
+    os.execv(command[0], command)  # streamlit takes this process's place, so stopping it stops the server
