@@ -1,0 +1,211 @@
+"""Merging a LoRA adapter into its base model: one full model that loads with AutoModelForCausalLM alone."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base_model import ModelPathError, check_model_dir
+from .template import stop_token_ids
+
+# Sample prompts whose logits must agree between base+adapter and the merged model.
+VERIFY_PROMPTS = ["请你介绍一下你自己", "你是谁", "今天天气怎么样？", "What is the capital of France?"]
+# How far merged and unmerged logits may drift apart: rounding of W + B·A in each dtype.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
+class AdapterError(ValueError):
+    """An adapter directory that is missing, not an adapter, or does not fit the base model."""
+
+
+class MergeError(ValueError):
+    """The merge cannot go ahead (for instance it would overwrite a final_model)."""
+
+
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """Check that `path` is a PEFT adapter directory: adapter_config.json and adapter weights."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory; run notebook 02 (it writes WORK/adapter) "
+                           "or give the folder that holds adapter_config.json.")
+    if not (path / "adapter_config.json").exists():
+        raise AdapterError(f"{path}: has no adapter_config.json, so it is not a PEFT adapter; give the folder "
+                           "that PeftModel.save_pretrained wrote (WORK/adapter).")
+    if not any(path.glob("adapter_model.*")):
+        raise AdapterError(f"{path}: has adapter_config.json but no adapter_model.safetensors; "
+                           "the save was interrupted, train again or copy the weights file in.")
+    return path
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").exists() and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def load_tokenizer(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None):
+    """The tokenizer saved with the adapter (training may have set its chat template), else the model's."""
+    from transformers import AutoTokenizer
+
+    source = Path(adapter_dir) if adapter_dir and _has_tokenizer(Path(adapter_dir)) else Path(model_dir)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, dtype="auto",
+               device: str | None = None):
+    """A model from `model_dir` (16/32-bit, never quantised), with the adapter on top when one is given.
+
+    Bad paths and adapters that do not fit the base raise ModelPathError / AdapterError with one sentence.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = check_model_dir(model_dir, need_tokenizer=adapter_dir is None)
+    if adapter_dir is not None:
+        adapter_dir = check_adapter_dir(adapter_dir)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if adapter_dir is not None:
+        model = attach_adapter(model, model_dir, adapter_dir)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return model
+
+
+def attach_adapter(model, model_dir: Path, adapter_dir: Path):
+    """PeftModel.from_pretrained, turning 'does not fit' into one sentence naming both directories."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise AdapterError(
+            f"{adapter_dir}: the adapter was trained on a model of other dimensions than {model_dir} "
+            f"({first[:160]}); merge it into the base model it was trained from.") from None
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
+        if "not found in the base model" not in str(e):
+            raise
+        targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules")
+        raise AdapterError(
+            f"{adapter_dir}/adapter_config.json: target_modules {targets} do not exist in {model_dir}; "
+            "the adapter belongs to another model architecture, merge it into the base it was trained from.") from None
+
+
+def generation_config_with_stops(model_dir: Path, tokenizer):
+    """The base model's generation_config, with eos set to the chat template's stop ids."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = GenerationConfig()
+    stops = stop_token_ids(tokenizer)
+    config.eos_token_id = stops
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    return config
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@dataclass
+class MergeResult:
+    final_model: Path
+    base_model: str
+    adapter: str
+    dtype: str
+    max_shard_size: str
+    files: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    base_size_bytes: int = 0
+    adapter_size_bytes: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model: str | os.PathLike,
+          max_shard_size: str | int = "2GB", dtype="auto", overwrite: bool = False) -> MergeResult:
+    """Merge `adapter` into `base_model` and save the full model to `final_model`.
+
+    The base is loaded in its 16/32-bit dtype (never 4-bit: merging into quantised weights would
+    round W + B·A to the 4-bit grid and lose most of what was learned). The model is written to a
+    temporary folder beside `final_model` and renamed into place, so a failed merge leaves nothing behind.
+    """
+    base_model, final_model = Path(base_model), Path(final_model)
+    adapter = check_adapter_dir(adapter)
+    if final_model.exists() and not overwrite:
+        raise MergeError(f"{final_model}: already exists; pass overwrite=True to replace it, "
+                         "or choose another final_model directory.")
+    tokenizer = load_tokenizer(base_model, adapter)
+    generation_config = generation_config_with_stops(base_model, tokenizer)
+    model = load_model(base_model, adapter, dtype=dtype, device="cpu")
+    merged = model.merge_and_unload()
+    merged.generation_config = generation_config
+    final_model.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final_model.parent, prefix=f".{final_model.name}.tmp"))
+    try:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        check_model_dir(tmp)
+        if final_model.exists():
+            old = final_model.with_name(f".{final_model.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final_model.rename(old)
+            tmp.rename(final_model)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final_model)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return MergeResult(
+        final_model=final_model, base_model=str(base_model), adapter=str(adapter),
+        dtype=str(merged.dtype).replace("torch.", ""), max_shard_size=str(max_shard_size),
+        files=sorted(p.name for p in final_model.iterdir()), size_bytes=dir_size(final_model),
+        base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
+        stop_token_ids=list(generation_config.eos_token_id))
+
+
+def _prompt_ids(tokenizer, prompts: list[str]):
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"] for p in prompts]
+
+
+def _logits(model, batches) -> list:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batches]
+
+
+def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, adapter: str | os.PathLike,
+                 prompts: list[str] | None = None, tolerance: float | None = None) -> dict:
+    """Logits of final_model vs base + adapter (unmerged) on sample prompts: max abs difference and verdict."""
+    prompts = list(prompts or VERIFY_PROMPTS)
+    tokenizer = load_tokenizer(final_model)
+    batches = _prompt_ids(tokenizer, prompts)
+    reference = load_model(base_model, adapter, device="cpu")
+    expected = _logits(reference, batches)
+    del reference
+    merged = load_model(final_model, device="cpu")
+    got = _logits(merged, batches)
+    dtype = str(merged.dtype).replace("torch.", "")
+    tolerance = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
+    diffs = [float((a - b).abs().max()) for a, b in zip(expected, got)]
+    # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
+    base = load_model(base_model, device="cpu")
+    effect = max(float((a - b).abs().max()) for a, b in zip(expected, _logits(base, batches)))
+    max_diff = max(diffs)
+    return {"prompts": prompts, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
+            "tolerance": tolerance, "dtype": dtype, "adapter_effect_max_abs": effect,
+            "passed": bool(max_diff <= tolerance)}

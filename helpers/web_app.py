@@ -1,0 +1,136 @@
+"""A Streamlit chat demo over a Hugging Face chat model directory (self-contained: streamlit, transformers,
+torch and the standard library only, so this one file can be deployed on its own).
+
+Which model: the `--model-dir DIR` argument, else the CHAT_MODEL_DIR environment variable, else a
+`final_model` folder beside this file.
+
+    streamlit run web_app.py -- --model-dir WORK/final_model
+    CHAT_MODEL_DIR=WORK/final_model streamlit run web_app.py
+    python -m helpers web WORK/final_model --port 8501        (inside the course kit)
+
+Or from Python, inside a streamlit script: `render_app("path/to/final_model")`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+
+import streamlit as st
+
+MODEL_DIR_ENV = "CHAT_MODEL_DIR"
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+TITLE = "我的小助手 · chat demo"
+
+
+def model_dir_from_args(argv: list[str] | None = None) -> str:
+    """--model-dir from the command line, else $CHAT_MODEL_DIR, else ./final_model beside this file."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model-dir", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args.model_dir or os.environ.get(MODEL_DIR_ENV) or str(Path(__file__).resolve().parent / "final_model")
+
+
+def model_problem(model_dir: str) -> str | None:
+    """One sentence saying why `model_dir` cannot be served, or None."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return (f"{path}: no such model directory; pass --model-dir DIR after `--` on the streamlit command line "
+                f"or set {MODEL_DIR_ENV}.")
+    if not (path / "config.json").exists():
+        return f"{path}: has no config.json; point to the folder that save_pretrained wrote (the merged final_model)."
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        return f"{path}: has config.json but no weights (*.safetensors); copy the weight files in."
+    return None
+
+
+@st.cache_resource(show_spinner="Loading the model ...")
+def load(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: generation_config's eos (the merge writes the template's stop ids there), eos, im_end."""
+    configured = model.generation_config.eos_token_id
+    ids = list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float):
+    """Yield the reply's text as it is generated (TextIteratorStreamer fed by generate in a thread)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    kwargs = dict(**enc, streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
+                  pad_token_id=tokenizer.pad_token_id, do_sample=temperature > 0)
+    kwargs.update(dict(temperature=temperature, top_p=top_p) if temperature > 0 else
+                  dict(temperature=None, top_p=None, top_k=None))
+
+    def work():
+        with torch.no_grad():
+            try:
+                model.generate(**kwargs)
+            finally:
+                streamer.end()
+
+    threading.Thread(target=work, daemon=True).start()
+    yield from streamer
+
+
+def sidebar() -> dict:
+    with st.sidebar:
+        st.header("Settings")
+        system = st.text_area("System prompt", value="", help="Sent before the conversation; empty: none.")
+        max_new_tokens = st.slider("Max new tokens", 8, 1024, 256, step=8)
+        temperature = st.slider("Temperature", 0.0, 1.5, 0.0, step=0.05, help="0: greedy, the same answer every time.")
+        top_p = st.slider("Top-p", 0.05, 1.0, 1.0, step=0.05, help="Used when temperature > 0.")
+        if st.button("Reset conversation"):
+            st.session_state.history = []
+    return {"system": system, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+
+
+def render_app(model_dir: str) -> None:
+    """The whole page: title, sidebar, the conversation so far, and the chat box."""
+    st.set_page_config(page_title=TITLE, page_icon="💬")
+    st.title(TITLE)
+    problem = model_problem(model_dir)
+    if problem:
+        st.error(problem)
+        return
+    settings = sidebar()
+    st.caption(f"Model: `{model_dir}`")
+    model, tokenizer = load(str(model_dir))
+    history = st.session_state.setdefault("history", [])
+    for message in history:
+        with st.chat_message(message["role"]):
+            st.markdown(message["content"])
+    question = st.chat_input("Ask something, e.g. 你是谁")
+    if not question:
+        return
+    with st.chat_message("user"):
+        st.markdown(question)
+    system = [{"role": "system", "content": settings["system"]}] if settings["system"].strip() else []
+    messages = system + history + [{"role": "user", "content": question}]
+    with st.chat_message("assistant"):
+        answer = st.write_stream(stream_reply(model, tokenizer, messages, settings["max_new_tokens"],
+                                              settings["temperature"], settings["top_p"]))
+    history += [{"role": "user", "content": question}, {"role": "assistant", "content": str(answer).strip()}]
+
+
+if __name__ == "__main__":
+    render_app(model_dir_from_args())
