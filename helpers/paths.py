@@ -91,6 +91,10 @@ class Work:
         return self.publish / "app"
 
     @property
+    def publish_remote(self) -> Path:  # the default push target: a local bare repository (file:// URL)
+        return self.publish / "remote.git"
+
+    @property
     def results(self) -> Path:
         return self.root / "results"
 
