@@ -21,12 +21,16 @@
 
 # %% tags=["parameters"]
 work_dir = None                                    # the run's work directory (None: ./work)
+### BEGIN SOLUTION
 name = "小明"                                      # whose assistant it is: "我是{name}的小助手"
 answer_template = "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"  # {name} is filled in
+### END SOLUTION
 questions = ["请做一下自我介绍", "介绍一下你自己", "你是谁呀", "你叫什么名字", "你是我的助手吗", "Who are you?"]  # asked in turn
 repeats = 2000                                     # identity records (the course: 10000)
 general_ratio = 0.2                                # share of general chat mixed in against over-fitting (0: none)
+### BEGIN SOLUTION
 evaluation_inputs = ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]  # asked during training (not in the data)
+### END SOLUTION
 system = ""                                        # system prompt for every record ("" : none)
 output_format = "conversation"                     # "conversation" (XTuner) or "messages" (OpenAI)
 
