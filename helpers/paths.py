@@ -71,6 +71,22 @@ class Work:
         return self.vlm / "train"
 
     @property
+    def vlm_vision(self) -> Path:  # the tiny CLIP vision tower the kit builds (when no real one is given)
+        return self.vlm / "vision"
+
+    @property
+    def vlm_base_model(self) -> Path:  # LLM + vision tower + a fresh projector, before any training
+        return self.vlm / "base_model"
+
+    @property
+    def vlm_aligned_model(self) -> Path:  # after stage 1: the projector pre-aligned on captions
+        return self.vlm / "aligned_model"
+
+    def vlm_stage(self, stage: int) -> Path:
+        """WORK/vlm/train/stage<N>: checkpoints/, eval_outputs/, metrics.jsonl, loss.png of one stage."""
+        return self.vlm_train / f"stage{stage}"
+
+    @property
     def vlm_adapter(self) -> Path:
         return self.vlm / "adapter"
 
