@@ -188,6 +188,9 @@ def _block_causal_mask(cu, total, device):
     return (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
 
 
+_VARLEN = {"ok": True, "why": ""}
+
+
 def kit_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over one packed row: each sample attends only to itself (causal)."""
     import torch
@@ -200,8 +203,12 @@ def kit_varlen_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              is_causal=attention_mask is None and t > 1, enable_gqa=hq != hk)
         return out.transpose(1, 2).contiguous(), None
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        fn, causal, gqa = _varlen_call()
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _VARLEN["ok"]:
+        try:
+            fn, causal, gqa = _varlen_call()
+        except Exception as e:  # an older torch: the exact (slower) masked SDPA below
+            _VARLEN.update(ok=False, why=f"{type(e).__name__}: {e}")
+            return kit_varlen_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
         if hq != hk and not gqa:
             k, v = (x.repeat_interleave(hq // hk, dim=1) for x in (k, v))
@@ -332,6 +339,13 @@ def add_lora(model, plan: FastPlan, lora_r=64, lora_alpha=16, lora_dropout=0.0,
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
                         target_modules=list(target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, config, autocast_adapter_dtype=plan.precision == "fp32")
+    if plan.precision in ("bf16", "fp16", "nf4"):  # adapters in the compute dtype: no fp32 copy of each input
+        import torch
+
+        dtype = torch.float16 if plan.precision == "fp16" else torch.bfloat16
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
     use_kit_attention(model)
     model.train()
     if plan.compile_layers:
