@@ -11,6 +11,8 @@ COMMAND_MODULES = [
     "helpers.validate",
     "helpers.notebooks",
     "helpers.chat",
+    "helpers.homework",
+    "helpers.report",
 ]
 
 
