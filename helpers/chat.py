@@ -105,8 +105,9 @@ def run_cli(session: ChatSession, stdin=None, stdout=None) -> int:
         if not text:
             continue
         if text == RESET:
+            turns = len(session.history) // 2
             session.reset()
-            print("(history cleared)", file=stdout, flush=True)
+            print(f"(history cleared: {turns} turns forgotten)", file=stdout, flush=True)
             continue
         print("助手 >>> ", end="", file=stdout, flush=True)
         for piece in session.send(text):

@@ -141,7 +141,7 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
     round W + B·A to the 4-bit grid and lose most of what was learned). The model is written to a
     temporary folder beside `final_model` and renamed into place, so a failed merge leaves nothing behind.
     """
-    base_model, final_model = Path(base_model), Path(final_model)
+    base_model, final_model = check_model_dir(base_model, need_tokenizer=False), Path(final_model)
     adapter = check_adapter_dir(adapter)
     if final_model.exists() and not overwrite:
         raise MergeError(f"{final_model}: already exists; pass overwrite=True to replace it, "

@@ -1,0 +1,150 @@
+"""Merging an adapter: the merged model computes what base + adapter computed, and bad input is refused whole."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+
+def make_adapter(base_dir, out_dir, seed: int = 0, scale: float = 0.05, target_modules="all-linear", base_model=None):
+    """An all-linear LoRA adapter whose B matrices are random, so that it changes the model's output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = base_model or AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in peft_model.named_parameters():
+        if "lora_B" in name:
+            weight.data = torch.randn(weight.shape, generator=generator) * scale
+    peft_model.save_pretrained(out_dir)
+    if base_dir is not None:
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
+    from helpers.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "final_model"
+    return merge(tiny_model_dir, adapter_dir, out, max_shard_size="500KB")
+
+
+def test_merged_model_reproduces_base_plus_adapter(merged, tiny_model_dir, adapter_dir):
+    from helpers.merge import verify_merge
+
+    check = verify_merge(merged.final_model, tiny_model_dir, adapter_dir)
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"] == 1e-3
+    # the adapter really matters: dropping it would be caught by the tolerance many times over
+    assert check["adapter_effect_max_abs"] > 100 * check["tolerance"]
+
+
+def test_verify_catches_a_merge_that_lost_the_adapter(tiny_model_dir, adapter_dir, tmp_path):
+    from helpers.merge import verify_merge
+
+    check = verify_merge(tiny_model_dir, tiny_model_dir, adapter_dir)  # the base posing as the merged model
+    assert not check["passed"] and check["max_abs_diff"] > 0.1
+
+
+def test_final_model_stands_alone(merged):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.template import stop_token_ids
+
+    files = merged.files
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    assert merged.dtype == "float32" and merged.size_bytes > 5 * merged.adapter_size_bytes
+    model = AutoModelForCausalLM.from_pretrained(merged.final_model)
+    tokenizer = AutoTokenizer.from_pretrained(merged.final_model)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id
+    assert stop_token_ids(tokenizer, model.generation_config)[0] == im_end
+    assert "<|im_start|>" in tokenizer.chat_template
+
+
+def test_refuses_to_overwrite_unless_asked(tiny_model_dir, adapter_dir, tmp_path):
+    from helpers.merge import MergeError, merge
+
+    out = tmp_path / "final_model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="already exists; pass overwrite=True"):
+        merge(tiny_model_dir, adapter_dir, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(tiny_model_dir, adapter_dir, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]  # no temp or old folders left
+
+
+def _assert_nothing_written(tmp_path):
+    assert not (tmp_path / "final_model").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_adapter_of_other_dimensions_is_one_sentence(tiny_model_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.merge import AdapterError, merge
+
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    adapter = make_adapter(None, tmp_path / "narrow_adapter", base_model=narrow)
+    with pytest.raises(AdapterError) as e:
+        merge(tiny_model_dir, adapter, tmp_path / "final_model")
+    message = str(e.value)
+    assert "other dimensions" in message and str(adapter) in message and "\n" not in message
+    _assert_nothing_written(tmp_path)
+
+
+def test_adapter_for_other_modules_is_one_sentence(tiny_model_dir, adapter_dir, tmp_path):
+    from helpers.merge import AdapterError, merge
+
+    other = shutil.copytree(adapter_dir, tmp_path / "internlm_adapter")
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["target_modules"] = ["wqkv", "w1", "w2", "w3"]  # InternLM2's layer names
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"target_modules .*wqkv.* do not exist in"):
+        merge(tiny_model_dir, other, tmp_path / "final_model")
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_model"])
+def test_bad_base_model_dir_is_one_sentence(case, adapter_dir, tmp_path):
+    from helpers.base_model import ModelPathError
+    from helpers.merge import merge
+
+    base = tmp_path / "base"
+    if case == "not_a_model":
+        base.mkdir()
+        (base / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelPathError, match="no such directory" if case == "missing" else "has no config.json"):
+        merge(base, adapter_dir, tmp_path / "final_model")
+    _assert_nothing_written(tmp_path)
+
+
+def test_missing_adapter_is_one_sentence(tiny_model_dir, tmp_path):
+    from helpers.merge import AdapterError, merge
+
+    with pytest.raises(AdapterError, match="no such adapter directory"):
+        merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "final_model")
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(AdapterError, match="has no adapter_config.json"):
+        merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "final_model")
+    assert not (tmp_path / "final_model").exists()
+
+
+def test_course_merge_results(course_work):
+    from helpers.results import load_results
+
+    results = load_results(course_work, "03_merge")
+    assert results["passed"] is True and results["max_abs_diff"] <= results["tolerance"]
+    assert (course_work.final_model / "config.json").exists()
