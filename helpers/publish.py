@@ -97,10 +97,20 @@ def card_facts(work: Work) -> dict:
         "data_rows": data_rows,
         "hyper_rows": _scalars(hyper) if hyper else _scalars({k: v for k, v in train.items() if "loss" not in k}),
         "loss_rows": _scalars({k: v for k, v in train.items() if "loss" in k}),
-        "eval_rows": _first_table(train, ("eval_answers", "evaluation", "final_eval", "eval_outputs", "answers")),
+        "eval_rows": _eval_rows(train),
         "before_after_rows": _first_table(chat, ("before_after", "table", "rows", "comparison")),
         "has_loss_plot": work.loss_plot.exists(),
     }
+
+
+def _eval_rows(train: dict) -> list[dict]:
+    """The evaluation questions with the answers before and after training (notebook 02's results)."""
+    questions = train.get("evaluation_inputs") or []
+    before, after = train.get("answers_before") or [], train.get("answers_after") or []
+    if questions and (before or after):
+        return [{"question": q, "before": before[i] if i < len(before) else "",
+                 "after": after[i] if i < len(after) else ""} for i, q in enumerate(questions)]
+    return _first_table(train, ("eval_answers", "evaluation", "answers"))
 
 
 def _base_model_id(recorded: str | None) -> str | None:
@@ -479,6 +489,28 @@ def history_pointer_check(repo_dir: str | os.PathLike, patterns=("*.safetensors"
                 if not head.startswith(LFS_POINTER):
                     plain.append(f"{commit[:12]}:{path}")
     return plain
+
+
+def verify_push(repo_dir: str | os.PathLike, remote_url: str, token: str | None = None, branch: str = "main") -> dict:
+    """Clone the remote back (weights included) and compare every file with `repo_dir`, byte for byte."""
+    repo_dir = Path(repo_dir)
+    with tempfile.TemporaryDirectory(prefix="publish-verify-") as tmp:
+        clone = Path(tmp) / "clone"
+        git = _Git(Path(tmp), token, _username(remote_url, None))
+        git.env["GIT_LFS_SKIP_SMUDGE"] = "1"  # then `git lfs pull`: works whether or not lfs filters are installed
+        cloned = git("clone", "-q", "--branch", branch, remote_url, str(clone), check=False)
+        if cloned.returncode != 0:
+            raise PublishError(_remote_problem(remote_url, cloned.stderr, token))
+        git.repo_dir = clone
+        pulled = git("lfs", "pull", check=False)
+        if pulled.returncode != 0:
+            raise PublishError("downloading the LFS objects back failed: " + _remote_problem(remote_url, pulled.stderr, token))
+        mine = {f["path"]: f["sha256"] for f in repo_files(repo_dir)}
+        theirs = {f["path"]: f["sha256"] for f in repo_files(clone)}
+        return {"files": len(theirs), "identical": mine == theirs,
+                "differ": sorted(p for p in mine.keys() | theirs.keys() if mine.get(p) != theirs.get(p)),
+                "lfs_files": [f["path"] for f in lfs_files(clone)],
+                "plain_weight_blobs": history_pointer_check(clone)}
 
 
 # ------------------------------------------------------------------ huggingface_hub

@@ -1,0 +1,151 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Publish: put the model on a hub and deploy the demo
+#
+# A model hub is a git server: OpenXLab, Hugging Face and ModelScope model repositories are all git
+# repositories, with the big files (the weights) stored by **git-lfs**, which keeps only a small pointer
+# in git's history and the content on an LFS server. So publishing is: build a folder with the model, a
+# model card and a `.gitattributes` that sends the weights to LFS, then `git push`.
+#
+# Then we package the web demo as an **app** that, on its first start, clones the model from the hub
+# and chats with it — the shape OpenXLab apps and Hugging Face Spaces expect.
+#
+# By default everything goes to a local bare repository in the work directory, so this notebook runs
+# offline; set `remote_url` to your hub repository to publish for real.
+
+# %% tags=["parameters"]
+work_dir = None                 # the run's work directory (None: ./work)
+model_name = "xiaoming-assistant"  # the model's name on its card
+### BEGIN SOLUTION
+remote_url = None               # your model repo's git URL, e.g. https://code.openxlab.org.cn/USER/REPO.git (None: local bare repo)
+### END SOLUTION
+branch = "main"                 # the branch to push to
+license = "apache-2.0"          # the card's license
+base_model_id = None            # the card's base_model (None: what notebook 00 recorded)
+verify = True                   # clone the pushed repo back and compare every file (downloads it once more)
+hub_repo_id = None              # "USER/NAME": also upload through huggingface_hub's API (needs network)
+hub_endpoint = None             # another Hugging Face-compatible hub's URL (None: huggingface.co)
+app_title = "我的小助手"          # the app's title
+app_remote_url = None           # git URL of a Space / OpenXLab app repo to push the app to (None: do not push)
+
+# %%
+import helpers
+from helpers.publish import (build_app_bundle, build_model_repo, default_remote, file_table, hub_token,
+                             lfs_files, push_model_repo, repo_files)
+
+work = helpers.work(work_dir)
+repo = build_model_repo(work, model_name, license=license, base_model=base_model_id, repo_url=remote_url)
+file_table(repo_files(repo))
+
+# %% [markdown]
+# ## The model card
+# `README.md` is the repository's front page. The YAML block at the top is metadata the hubs read
+# (license, base model, library, task, language, tags); the text below comes from the results of the
+# earlier notebooks: the data, the hyper-parameters, the loss curve and the before/after answers.
+
+# %%
+from IPython.display import Markdown
+
+Markdown((repo / "README.md").read_text(encoding="utf-8"))
+
+# %% [markdown]
+# ## Which files go to LFS
+# `.gitattributes` routes every file matching a pattern through the LFS filter: git keeps a ~130-byte
+# pointer, the LFS server keeps the content. Hubs refuse large or binary files pushed as plain git.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print((repo / ".gitattributes").read_text())
+
+# %% [markdown]
+# ## Push
+# The token is read from the `COURSE_HUB_TOKEN` environment variable (or asked for with a hidden prompt
+# in JupyterLab). It is handed to git by a credential helper at run time, so it never appears in this
+# notebook, in `.git/config` or in any file. A local target needs no token.
+#
+# The push sends the LFS objects first, then the commit, and reads the remote's branch back: only then
+# is it reported as pushed. Running it again sends only what changed; an interrupted push is finished
+# by running the cell again.
+
+# %%
+### BEGIN SOLUTION
+target_url = remote_url or default_remote(work)  # the publish target
+### END SOLUTION
+token = hub_token(target_url)
+push = push_model_repo(work, target_url, token=token, branch=branch)
+print(f"pushed commit {push.commit} to {push.remote} ({push.branch})")
+print(f"sent: {push.commits_sent} commit(s), {push.git_objects_sent} git objects, "
+      f"{len(push.lfs_objects_sent)} LFS object(s)")
+
+# %% [markdown]
+# ## What the remote holds
+# A fresh clone of the remote, weights included, compared file by file with what we built; and a check
+# of git's history: the weights must be LFS pointers there, never plain blobs.
+
+# %%
+import pandas as pd
+
+verified = None
+if verify:
+    from helpers.publish import verify_push
+
+    verified = verify_push(repo, target_url, token=token, branch=branch)
+    display(pd.Series(verified, name="verification").to_frame())
+pd.DataFrame(lfs_files(repo))
+
+# %% [markdown]
+# ## Alternative: upload through huggingface_hub
+# For Hugging Face (or a hub that speaks its API), `create_repo` + `upload_folder` do the same without
+# git: set `hub_repo_id` (and `hub_endpoint` for another hub). The token comes from the same variable.
+
+# %%
+hub_upload = None
+if hub_repo_id:
+    from helpers.publish import upload_to_hub
+
+    hub_upload = upload_to_hub(repo, hub_repo_id, token=hub_token(hub_endpoint or "https://huggingface.co"),
+                               endpoint=hub_endpoint)
+print(hub_upload or "huggingface_hub upload: not asked for (hub_repo_id is None)")
+
+# %% [markdown]
+# ## The app bundle
+# `WORK/publish/app` is a complete Streamlit app: `app.py` fetches the model from `target_url` with
+# git-lfs into a cache folder on first start and then serves the chat demo of notebook 04;
+# `requirements.txt` pins the Python packages, `packages.txt` asks the platform for git and git-lfs.
+# Its README has the deploy steps for OpenXLab apps and Hugging Face Spaces.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+app = build_app_bundle(work, target_url, title=app_title)
+print("\n".join(sorted(p.name for p in app.iterdir())))
+print("---- packages.txt\n" + (app / "packages.txt").read_text())
+
+# %%
+from helpers.publish import push_folder
+
+app_push = None
+if app_remote_url:
+    app_push = push_folder(app, app_remote_url, token=hub_token(app_remote_url), branch=branch,
+                           message="Deploy the chat demo")
+print(f"app pushed: {app_push.commit} to {app_push.remote}" if app_push else "app push: not asked for")
+
+# %%
+from helpers.results import save_results
+
+save_results(work, "06_publish", {
+    **push.to_dict(), "push": push.to_dict(), "model_repo": str(repo), "files": repo_files(repo),
+    "lfs_objects": lfs_files(repo), "verified": verified, "hub_upload": hub_upload, "app": str(app),
+    "app_files": sorted(p.name for p in app.iterdir()), "app_push": app_push.to_dict() if app_push else None});
+
+# %% [markdown]
+# To try the app here: `cd WORK/publish/app && streamlit run app.py`. The model card, the app and the
+# pushed commit are in `WORK/results/06_publish.json` and in the homework report.
