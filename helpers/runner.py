@@ -66,7 +66,20 @@ def run_course(work_dir=None, only=None, params: dict | None = None, quiet: bool
         summary.append((nb.name, "ok", time.time() - start))
     print_table(["notebook", "status", "seconds"], [(n, s, f"{t:.1f}") for n, s, t in summary])
     print(f"\nexecuted notebooks: {work.executed}\nresults:            {work.results}")
+    if status == 0:
+        _build_report(work)
     return status
+
+
+def _build_report(work) -> None:
+    """The homework report from whatever results exist (cheap: it only reads files)."""
+    from .report import build_report
+
+    try:
+        print(f"report:             {build_report(work.root)}")
+    except Exception as e:  # the notebooks' own results stand even if the report cannot be built
+        print(f"warning: the report could not be built ({type(e).__name__}: {e}); "
+              f"retry with `python -m helpers report {work.root}`.", file=sys.stderr)
 
 
 def print_table(header, rows) -> None:
@@ -82,6 +95,8 @@ def add_command(sub) -> None:
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a parameter for every notebook that declares it (repeatable)")
     p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters")
+    p.add_argument("--class", dest="class_file", default=None, metavar="STUDENTS_CSV",
+                   help="run once per student (CSV: student_id,name,+parameters), each into WORK_DIR/<student_id>")
     p.set_defaults(func=_run)
 
 
@@ -95,4 +110,8 @@ def _run(args) -> int:
         params.update(loaded)
     params.update(dict(args.param))
     only = args.only.split(",") if args.only else None
+    if args.class_file:
+        from .classroom import run_class
+
+        return run_class(args.class_file, args.work_dir, only, params)
     return run_course(args.work_dir, only, params)

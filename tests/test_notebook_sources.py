@@ -1,0 +1,46 @@
+"""The notebooks are reviewable: every .ipynb is paired with its py:percent source and carries outputs
+only in the cells nbval checks."""
+from __future__ import annotations
+
+import nbformat
+
+from helpers.notebooks import CHECK_MARK, out_of_sync, sources
+from helpers.paths import NOTEBOOKS_DIR
+
+
+def test_every_notebook_has_its_source_and_agrees_with_it():
+    books = {p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")}
+    texts = {p.stem for p in sources()}
+    assert books == texts, f"unpaired: {sorted(books ^ texts)}; write the .py source or build the .ipynb"
+    assert {"00_environment", "01_data_generation"} <= texts
+    assert out_of_sync() == [], "run `python -m helpers notebooks` after editing a .py source"
+
+
+def test_outputs_only_in_cells_marked_for_nbval():
+    kept = 0
+    for ipynb in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(ipynb, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            where = f"{ipynb.name} code cell {i + 1}"
+            if CHECK_MARK in cell.source:
+                kept += bool(cell.outputs)
+            else:
+                assert cell.outputs == [], f"{where} carries outputs but is not marked {CHECK_MARK}"
+                assert cell.execution_count is None, f"{where} carries an execution count"
+    assert kept >= 2, "the marked cells of 00 and 01 should carry their checked outputs"
+
+
+def test_the_out_of_sync_check_notices_an_edit(tmp_path, monkeypatch):
+    import shutil
+
+    import helpers.notebooks as nbs
+
+    for p in NOTEBOOKS_DIR.glob("01_data_generation.*"):
+        shutil.copy(p, tmp_path / p.name)
+    monkeypatch.setattr(nbs, "NOTEBOOKS_DIR", tmp_path)
+    assert nbs.out_of_sync() == []
+    py = tmp_path / "01_data_generation.py"
+    py.write_text(py.read_text(encoding="utf-8").replace("repeats = 2000", "repeats = 20"), encoding="utf-8")
+    assert nbs.out_of_sync() == ["01_data_generation.ipynb"]

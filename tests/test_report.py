@@ -1,0 +1,132 @@
+"""The homework report: one self-contained HTML file (plus a Markdown twin) that renders Chinese in
+headless Chromium and says "not run" for the notebooks that did not run."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+
+import pytest
+
+from helpers.__main__ import main
+from helpers.paths import work as make_work
+from helpers.report import build_report
+
+SECTIONS = ["environment", "data", "training", "evaluation", "merge", "before-after", "vlm", "publish"]
+
+
+def _chromium(window=(1200, 900)):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--window-size={window[0]},{window[1]}"):
+        opts.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="report-chromium-")
+    opts.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    return driver, profile
+
+
+def test_the_runner_built_the_report(course_work):
+    index = course_work.report / "index.html"
+    assert index.exists() and (course_work.report / "index.md").exists()
+    assert "not run" not in index.read_text(encoding="utf-8")
+
+
+def test_report_renders_in_headless_chromium(course_work, artifacts_dir):
+    assert main(["report", str(course_work.root)]) == 0
+    index = course_work.report / "index.html"
+    page = index.read_text(encoding="utf-8")
+    # Self-contained: every image is a data URI, nothing is fetched from anywhere.
+    assert re.findall(r'<img src="(?!data:image/)', page) == [] and "<link" not in page and "<script" not in page
+    name = json.loads(course_work.result("01_data_generation").read_text(encoding="utf-8"))["name"]
+
+    driver, profile = _chromium()
+    try:
+        driver.get(index.as_uri())
+        ids = driver.execute_script("return [...document.querySelectorAll('section')].map(s => s.id)")
+        assert ids == SECTIONS
+        not_run = driver.execute_script("return [...document.querySelectorAll('section.not-run-section')].map(s => s.id)")
+        assert not_run == []
+        body = driver.find_element("tag name", "body").text
+        assert f"Homework report: {name}'s assistant" in body
+        assert "请你介绍一下你自己" in body and "step 0" in body  # evaluation table, rows by question
+        assert "PASSED" in driver.find_element("id", "merge").text
+        images = driver.execute_script(
+            "return [...document.images].map(i => [i.closest('section').id, i.complete && i.naturalWidth])")
+        assert {sid for sid, width in images if width > 0} == {"training", "vlm"}, images
+        # Chinese is drawn with a CJK font that is really there, not with empty boxes.
+        assert driver.execute_script("return document.fonts.check('16px \"Noto Sans CJK SC\"', '小助手')")
+        font = driver.execute_script("return getComputedStyle(document.body).fontFamily")
+        assert font.startswith('"Noto Sans CJK SC"')
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1200, min(height + 100, 8000))
+        shot = artifacts_dir / "homework_report.png"
+        assert driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert shot.stat().st_size > 20_000
+
+
+def test_markdown_twin_links_its_images(course_work):
+    build_report(course_work.root)
+    md = (course_work.report / "index.md").read_text(encoding="utf-8")
+    for sid in ("Environment", "Data", "Evaluation outputs per step", "Merge check", "Before / after (LLM)",
+                "Before / after (VLM)", "Publish"):
+        assert f"## {sid}" in md
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(linked) == ["training.png", "vlm.png"]
+    assert all((course_work.report / f).stat().st_size > 0 for f in linked)
+
+
+def test_missing_sections_say_not_run(course_work, tmp_path):
+    work = make_work(tmp_path / "work")
+    for nb in ("00_environment", "01_data_generation"):
+        work.results.mkdir(exist_ok=True)
+        shutil.copy(course_work.result(nb), work.result(nb))
+    work.data.mkdir()
+    shutil.copy(course_work.dataset, work.dataset)
+    work.result("03_merge").write_text("{ not json", encoding="utf-8")
+    build_report(work.root)
+    page = (work.report / "index.html").read_text(encoding="utf-8")
+    for sid in ("environment", "data"):
+        assert f'<section id="{sid}" class="ran">' in page
+    for sid in ("training", "evaluation", "merge", "before-after", "vlm", "publish"):
+        assert f'<section id="{sid}" class="not-run-section">' in page
+    assert "not run: notebook 02_qlora_finetune has not written results/02_qlora_finetune.json" in page
+    assert "not run: 03_merge.json could not be read (JSONDecodeError)" in page
+    assert "2 of 8 sections ran" in page
+    md = (work.report / "index.md").read_text(encoding="utf-8")
+    assert "*not run: notebook 06_publish has not written results/06_publish.json" in md
+
+
+def test_an_empty_work_dir_gives_a_report_of_not_run_sections(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert page.count("not-run-section") == len(SECTIONS) and "0 of 8 sections ran" in page
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_rebuild_replaces_the_old_report_whole(tmp_path):
+    build_report(tmp_path)
+    (tmp_path / "report" / "stale.txt").write_text("old")
+    build_report(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["index.html", "index.md"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
+
+
+@pytest.mark.parametrize("text", ["<script>alert(1)</script>", "a | b"])
+def test_student_text_is_escaped(tmp_path, text):
+    work = make_work(tmp_path)
+    work.results.mkdir()
+    work.result("00_environment").write_text(json.dumps({"python": text}), encoding="utf-8")
+    build_report(tmp_path)
+    assert text not in (tmp_path / "report" / "index.html").read_text(encoding="utf-8") or "|" in text
+    assert "<script>" not in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
