@@ -230,22 +230,41 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
     return Check("merge", "PASS", f"final_model equals base + adapter: max |logit diff| {diff:.2e} <= {tolerance:g}")
 
 
+VLM_TABLE_KEYS = ("before_after", "table", "rows", "comparison")
+
+
+def _is_before(column: str) -> bool:
+    c = column.lower().replace("_", " ")
+    return c.startswith(("before", "stage 1", "stage1"))
+
+
+def _is_after(column: str) -> bool:
+    c = column.lower().replace("_", " ")
+    return c.startswith(("after", "stage 2", "stage2")) and not c.endswith(("match", "matches"))
+
+
+def _table_rows(value) -> list[dict]:
+    if isinstance(value, dict) and value and all(isinstance(c, list) for c in value.values()):  # column-oriented
+        value = [dict(zip(value, row)) for row in zip(*value.values())]
+    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+
 def vlm_pairs(r: dict) -> list[tuple[str, str, str]]:
-    """(question, before, after) rows of notebook 05's results, whatever shape the table was saved in."""
-    rows = r.get("before_after") or r.get("table") or []
-    if isinstance(rows, dict):  # column-oriented: {"question": [...], "before": [...], "after": [...]}
-        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-    pairs = []
-    for row in rows:
-        if isinstance(row, dict):
-            q = row.get("question") or row.get("prompt") or ""
-            b = next((v for k, v in row.items() if k.startswith("before")), None)
-            a = next((v for k, v in row.items() if k.startswith("after")), None)
-            pairs.append((q, b, a))
-    if not pairs and isinstance(r.get("before"), list) and isinstance(r.get("after"), list):
-        qs = r.get("questions") or [""] * len(r["before"])
-        pairs = list(zip(qs, r["before"], r["after"]))
-    return pairs
+    """(question, before, after) rows of notebook 05's results, from its table or from parallel lists."""
+    for key in VLM_TABLE_KEYS:
+        rows = _table_rows(r.get(key))
+        if rows:
+            before = next((c for c in rows[0] if _is_before(c)), None)
+            after = next((c for c in rows[0] if _is_after(c)), None)
+            if before and after:
+                return [(str(row.get("question", row.get("prompt", ""))), row.get(before), row.get(after)) for row in rows]
+    lists = {k: v for k, v in r.items() if isinstance(v, list) and v and all(isinstance(x, str) for x in v)}
+    before = next((k for k in lists if _is_before(k) or k.lower().endswith("before")), None)
+    after = next((k for k in lists if _is_after(k) or k.lower().endswith("after")), None)
+    if not (before and after):
+        return []
+    questions = r.get("questions") if isinstance(r.get("questions"), list) else [""] * len(lists[before])
+    return list(zip([str(q) for q in questions], lists[before], lists[after]))
 
 
 def check_vlm(work: Work) -> Check:
@@ -283,7 +302,7 @@ def check_publish(work: Work, required: bool) -> Check:
     push = r.get("push") if isinstance(r.get("push"), dict) else r
     commit = push.get("commit") or push.get("pushed_commit")
     remote = push.get("remote") or push.get("remote_url") or ""
-    if not commit or push.get("pushed") is False:
+    if not commit or (push.get("pushed") is False and not push.get("up_to_date")):  # up to date: pushed before
         return Check("publish", status_if_missing, "the model repo was not pushed" + ("" if required else " (optional)"))
     held = _remote_has(str(remote), str(commit))
     if held is False:

@@ -284,7 +284,7 @@ def before_after_section(work: Work) -> Section:
 
 
 def vlm_section(work: Work) -> Section:
-    from .homework import vlm_pairs
+    from .homework import VLM_TABLE_KEYS, vlm_pairs
 
     key, title, nb = "vlm", "Before / after (VLM)", NOTEBOOKS["05"]
     r = _load(work, nb)
@@ -296,8 +296,12 @@ def vlm_section(work: Work) -> Section:
     image = vlm_image(work, r)
     if image:
         s.img(image, "the picture the VLM was taught about")
+    rows = _first_rows(r, VLM_TABLE_KEYS)
     pairs = vlm_pairs(r)
-    if pairs:
+    if rows and pairs:  # the notebook's own table, every column of it
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        s.table(columns, [[row.get(c, "") for c in columns] for row in rows])
+    elif pairs:
         s.table(["question", "before (stage 1)", "after (stage 2)"], [list(p) for p in pairs])
     else:
         s.p("Notebook 05 saved no before/after answers.")
