@@ -1,0 +1,165 @@
+"""Chatting: streaming, history, the before/after table, the notebook widget, and the terminal chat via stdin."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from test_merge import make_adapter
+
+IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
+BASE_IDENTITY = "我是一个AI助手，可以回答你的问题。"
+
+
+@pytest.fixture(scope="module")
+def adapter_and_final(tiny_model_dir, tmp_path_factory):
+    from helpers.merge import merge
+
+    root = tmp_path_factory.mktemp("chat")
+    adapter = make_adapter(tiny_model_dir, root / "adapter", seed=1, scale=0.08)
+    return adapter, merge(tiny_model_dir, adapter, root / "final_model").final_model
+
+
+@pytest.fixture(scope="module")
+def final_chat(adapter_and_final):
+    from helpers.chat import load_chat_model
+
+    return load_chat_model(adapter_and_final[1])
+
+
+def run_chat_cli(args: list[str], stdin: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "-m", "helpers", "chat", *map(str, args)], input=stdin, text=True,
+                          capture_output=True, env=env, timeout=600, encoding="utf-8")
+
+
+def test_reply_streams_in_pieces_and_equals_greedy_answer(final_chat):
+    from helpers.chat import stream_reply
+    from helpers.generation import build_messages, generate_answers
+
+    model, tokenizer = final_chat
+    pieces = list(stream_reply(model, tokenizer, build_messages("你是谁")))
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces).strip() == generate_answers(model, tokenizer, ["你是谁"], max_new_tokens=256)[0]
+
+
+def test_session_sends_the_history_and_reset_forgets_it(final_chat):
+    import torch
+
+    from helpers.chat import ChatSession
+
+    model, tokenizer = final_chat
+    session = ChatSession(model, tokenizer)
+    first = session.ask("你是谁")
+    second = session.ask("你好")
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2 and session.history[1]["content"] == first
+    # the second answer is the greedy continuation of the whole conversation, not of "你好" alone
+    messages = session.history[:3]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=256, do_sample=False, eos_token_id=model.generation_config.eos_token_id)
+    assert second == tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    session.reset()
+    assert session.history == []
+
+
+def test_sampling_settings_are_used(final_chat):
+    import torch
+
+    from helpers.chat import ChatSession, GenerationSettings
+
+    model, tokenizer = final_chat
+    answers = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        answers.add(ChatSession(model, tokenizer, settings=GenerationSettings(40, 1.5, 1.0)).ask("Hello!"))
+    assert len(answers) > 1  # temperature 1.5 samples; greedy would give one answer
+    short = ChatSession(model, tokenizer, settings=GenerationSettings(max_new_tokens=2)).ask("Tell me a joke.")
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 2
+
+
+def test_notebook_widget_chats_and_resets(final_chat):
+    from helpers.chat import chat_widget
+
+    model, tokenizer = final_chat
+    widget = chat_widget(model, tokenizer)
+    widget.text.value = "你是谁"  # pressing Enter in the text box sends it
+    answer = widget.session.history[-1]["content"]
+    assert answer and answer in widget.transcript.value and "你是谁" in widget.transcript.value
+    assert widget.text.value == ""  # the box is cleared for the next message
+    widget.max_new_tokens.value = 8
+    widget.ask("你好")
+    assert len(widget.session.history) == 4 and widget.session.settings.max_new_tokens == 8
+    widget.reset_button.click()
+    assert widget.session.history == [] and "no messages yet" in widget.transcript.value
+
+
+def test_cli_streams_keeps_history_resets_and_exits(course_work):
+    result = run_chat_cli([course_work.final_model], "你是谁\n你好\nRESET\n请你介绍一下你自己\nEXIT\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count(IDENTITY) >= 2, out
+    assert "(history cleared: 2 turns forgotten)" in out and out.rstrip().endswith("bye")
+
+
+def test_cli_with_adapter_answers_like_the_merged_model(tiny_model_dir, adapter_and_final, final_chat):
+    from helpers.chat import ChatSession, GenerationSettings
+
+    adapter, _ = adapter_and_final
+    result = run_chat_cli([tiny_model_dir, "--adapter", adapter, "--max-new-tokens", "32"], "你是谁\n")
+    assert result.returncode == 0, result.stderr
+    expected = ChatSession(*final_chat, settings=GenerationSettings(32)).ask("你是谁")
+    assert f"助手 >>> {expected}\n" in result.stdout
+
+
+def test_cli_bad_input_is_one_sentence(tmp_path, tiny_model_dir):
+    result = run_chat_cli([tmp_path / "nowhere"], "")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "no such directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "adapter").mkdir()
+    result = run_chat_cli([tiny_model_dir, "--adapter", tmp_path / "adapter"], "")
+    assert result.returncode == 2 and "has no adapter_config.json" in result.stderr
+
+
+def test_image_option_hands_over_to_the_vlm_chat(monkeypatch, tmp_path):
+    from helpers.__main__ import main
+
+    calls = []
+    fake = types.ModuleType("helpers.vlm_chat")
+    fake.run_cli = lambda *args, **kwargs: calls.append(args) or 0
+    monkeypatch.setitem(sys.modules, "helpers.vlm_chat", fake)
+    monkeypatch.setattr(sys.modules["helpers"], "vlm_chat", fake, raising=False)
+    assert main(["chat", str(tmp_path), "--image", "cat.png", "--system", "be brief"]) == 0
+    assert calls == [(str(tmp_path), "cat.png", "be brief")]
+
+
+def test_before_after_table_shows_the_fine_tune(course_work):
+    from helpers.results import load_results
+
+    results = load_results(course_work, "04_chat_demo")
+    rows = results["rows"]
+    evaluation = [r for r in rows if r["kind"] == "evaluation"]
+    assert [r["question"] for r in evaluation] == ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
+    for row in evaluation:
+        assert row["before"] != row["after"]
+        assert IDENTITY in row["after"] and IDENTITY not in row["before"]
+    assert any(BASE_IDENTITY in r["before"] for r in evaluation)
+    assert any(r["kind"] == "general" for r in rows)
+    assert results["identity_on_evaluation"] == 3 and results["overfitted"] is False
+
+
+def test_overfitting_check_flags_identity_everywhere():
+    import pandas as pd
+
+    from helpers.chat import overfitting_check
+
+    table = pd.DataFrame({"kind": ["evaluation", "general", "general"], "question": ["你是谁", "你好", "1+1"],
+                          "before": ["a", "b", "c"], "after": [IDENTITY, IDENTITY, "2"], "reference": ["", "", ""]})
+    verdict = overfitting_check(table, IDENTITY)
+    assert verdict["identity_on_general"] == 1 and verdict["overfitted"] is False
+    table.loc[2, "after"] = IDENTITY
+    assert overfitting_check(table, IDENTITY)["overfitted"] is True

@@ -1,0 +1,152 @@
+"""The Streamlit chat demo: through streamlit's AppTest, and end to end in a real headless Chromium."""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import helpers.web_app as web_app_module
+
+IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
+WEB_APP = Path(web_app_module.__file__)
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def test_web_app_is_self_contained():
+    """It is copied as-is into the deployable app, so it may import only streamlit, transformers, torch, stdlib."""
+    tree = ast.parse(WEB_APP.read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert not any(isinstance(n, ast.ImportFrom) and n.level > 0 for n in ast.walk(tree))
+    assert names - set(sys.stdlib_module_names) == {"streamlit", "transformers", "torch"}
+
+
+def test_model_dir_comes_from_argument_then_environment(monkeypatch):
+    monkeypatch.setenv("CHAT_MODEL_DIR", "/from/env")
+    assert web_app_module.model_dir_from_args(["--model-dir", "/from/arg"]) == "/from/arg"
+    assert web_app_module.model_dir_from_args(["-x", "tests"]) == "/from/env"
+    monkeypatch.delenv("CHAT_MODEL_DIR")
+    assert web_app_module.model_dir_from_args([]) == str(WEB_APP.parent / "final_model")
+
+
+def _app_test(app_file: Path, model_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CHAT_MODEL_DIR", str(model_dir))
+    return AppTest.from_file(str(app_file), default_timeout=300).run()
+
+
+def test_app_answers_the_identity_question(course_work, tmp_path, monkeypatch):
+    app = shutil.copy(WEB_APP, tmp_path / "app.py")  # a lone copy, as it is deployed
+    at = _app_test(Path(app), course_work.final_model, monkeypatch)
+    assert not at.exception and not at.error
+    assert len(at.sidebar.slider) == 3 and at.sidebar.text_area[0].label == "System prompt"
+    at.chat_input[0].set_value("你是谁").run()
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+    assert IDENTITY in at.chat_message[1].markdown[0].value
+    at.chat_input[0].set_value("请你介绍一下你自己").run()  # history: the first turn is shown again
+    assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
+    assert IDENTITY in at.chat_message[3].markdown[0].value
+    at.sidebar.button[0].click().run()
+    assert len(at.chat_message) == 0
+
+
+def test_app_names_a_bad_model_dir(tmp_path, monkeypatch):
+    at = _app_test(WEB_APP, tmp_path / "nowhere", monkeypatch)
+    assert "no such model directory" in at.error[0].value and "CHAT_MODEL_DIR" in at.error[0].value
+    (tmp_path / "empty").mkdir()
+    at = _app_test(WEB_APP, tmp_path / "empty", monkeypatch)
+    assert "has no config.json" in at.error[0].value
+
+
+def test_web_command_refuses_a_bad_model_dir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "helpers", "web", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no such directory" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: subprocess.Popen, port: int, attempts: int = 600) -> None:
+    for _ in range(attempts):
+        assert server.poll() is None, f"streamlit exited with {server.returncode}: {server.stdout.read()}"
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def web_server(course_work):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "helpers", "web", str(course_work.final_model), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(server, port)
+        yield f"http://localhost:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "install chromium and chromium-driver (.ci/run does)"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_chat_in_a_real_browser(web_server, browser, artifacts_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(web_server)
+    wait = WebDriverWait(browser, 300, poll_frequency=0.2)
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
+    assert "chat demo" in browser.title or "chat demo" in browser.find_element(By.TAG_NAME, "h1").text
+    box.send_keys("你是谁")
+    box.send_keys(Keys.ENTER)
+
+    def messages(driver):
+        return [m.text for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")]
+
+    wait.until(lambda d: len(messages(d)) == 2 and IDENTITY in messages(d)[1])
+    assert "你是谁" in messages(browser)[0]
+    artifacts_dir.mkdir(exist_ok=True)
+    shot = artifacts_dir / "web_chat.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
