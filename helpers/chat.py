@@ -272,6 +272,8 @@ def web_command(model_dir, port: int = 8501, address: str = "localhost") -> list
     app = Path(__file__).with_name("web_app.py")
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
             "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none",  # a demo, not a dev server: do not scan transformers' modules
+            "--client.toolbarMode", "minimal",
             "--", "--model-dir", str(Path(model_dir).resolve())]
 
 
