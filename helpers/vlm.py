@@ -217,3 +217,23 @@ def answer_about_image(model, processor, image, questions: list[str], system: st
     if was_training:
         model.train()
     return answers
+
+
+def prepare_vlm(work, llm=None, vision_encoder="tiny", seed: int = 0) -> dict:
+    """Build WORK/vlm/base_model from the LLM (None: notebook 00's base model) and the vision encoder
+    ("tiny": a tiny CLIP tower built here; else a local CLIP folder). Returns where everything came from."""
+    from .base_model import base_model_path
+
+    llm_path = Path(llm) if llm else Path(base_model_path(work))
+    if vision_encoder in (None, "", "tiny"):
+        vision_path = build_vision_tower(work.vlm_vision, seed=seed)
+    else:
+        vision_path = Path(vision_encoder).expanduser()
+    base = build_vlm(llm_path, vision_path, work.vlm_base_model, seed=seed)
+    config = json.loads((base / "config.json").read_text())
+    v, t = config["vision_config"], config["text_config"]
+    return {"llm": str(llm_path), "vision_encoder": str(vision_path), "base_model": str(base),
+            "image_size": v["image_size"], "patch_size": v["patch_size"],
+            "image_tokens": (v["image_size"] // v["patch_size"]) ** 2,
+            "vision_hidden": v["hidden_size"], "llm_hidden": t["hidden_size"],
+            "projector": f"Linear({v['hidden_size']}, {t['hidden_size']}) -> GELU -> Linear({t['hidden_size']}, {t['hidden_size']})"}

@@ -1,0 +1,311 @@
+"""Training the LLaVA model in two stages, on the kit's training machinery (helpers.train).
+
+Stage 1 (pre-alignment): only the projector learns, on caption pairs; the LLM and the vision tower are frozen.
+Stage 2 (fine-tune): LoRA on the LLM (4-bit NF4 when CUDA + bitsandbytes are there), LoRA on the vision
+tower, and the projector trained in full; the loss is on the assistant turns only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import weakref
+from pathlib import Path
+
+from .data import IGNORE_INDEX, atomic_write_text, encode_messages
+from .paths import Work
+from .train import (TrainConfig, TrainConfigError, _callbacks, _trainer_class, peak_memory_mb,
+                    resolve_quantization, training_arguments)
+from .vlm import answer_about_image, load_vlm, open_image, save_vlm
+from .vlm_data import IMAGE_TOKEN, load_llava_data
+
+# Per-stage defaults on top of TrainConfig's "tiny" preset (CPU, embedded models) and "homework" preset (GPU).
+STAGE_DEFAULTS = {
+    ("tiny", 1): dict(lr=1e-2, max_steps=30, batch_size=4, evaluation_freq=15, max_length=512, logging_steps=5),
+    ("tiny", 2): dict(lr=5e-3, max_steps=60, batch_size=4, evaluation_freq=20, max_length=512, logging_steps=5,
+                      lora_r=16, lora_alpha=32, lora_dropout=0.0),
+    ("homework", 1): dict(lr=1e-3, epochs=1, max_steps=-1, batch_size=8, gradient_accumulation=4, max_length=1024),
+    ("homework", 2): dict(lr=2e-4, epochs=1, max_steps=-1, batch_size=1, gradient_accumulation=16, max_length=1024,
+                          lora_r=64, lora_alpha=16, lora_dropout=0.05),
+}
+LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+PROJECTOR = "multi_modal_projector"
+PROJECTOR_FILE = "projector.safetensors"
+# Trained in full in stage 2 besides the LoRA layers. The tiny LLM never produced the picture's words, and
+# its 64-wide LoRA cannot reach them through a frozen output layer, so there the output layer learns too.
+FULLY_TRAINED = {"tiny": [PROJECTOR, "lm_head"], "homework": [PROJECTOR]}
+
+
+def stage_config(stage: int, preset: str = "tiny", **overrides) -> TrainConfig:
+    """The TrainConfig of one stage: the preset, the stage's defaults, then your overrides (None: keep)."""
+    if stage not in (1, 2):
+        raise TrainConfigError(f"stage is {stage!r}; the VLM track has stage 1 (projector) and stage 2 (LoRA).")
+    if (preset, stage) not in STAGE_DEFAULTS:
+        raise TrainConfigError(f"preset is {preset!r}; use 'tiny' (CPU) or 'homework' (GPU).")
+    values = STAGE_DEFAULTS[(preset, stage)] | {k: v for k, v in overrides.items() if v is not None}
+    values.setdefault("save_steps", values.get("evaluation_freq", 300))
+    return TrainConfig(preset=preset, resume=False, **values).resolved()
+
+
+# ---------------------------------------------------------------- data
+def image_token_count(processor, image) -> int:
+    """How many <image> placeholders the processor puts in for one picture (one per projected patch)."""
+    enc = processor(images=image, text=IMAGE_TOKEN, add_special_tokens=False)
+    return sum(int(t == processor.image_token_id) for t in enc["input_ids"][0])
+
+
+def encode_llava_samples(processor, data_file, max_length: int) -> list[dict]:
+    """Each record as input_ids / labels (loss on assistant turns only) / pixel_values, from the chat template."""
+    tokenizer, image_id = processor.tokenizer, processor.image_token_id
+    pictures: dict[Path, tuple] = {}
+    rows = []
+    for i, (image_path, messages) in enumerate(load_llava_data(data_file)):
+        if image_path not in pictures:
+            image = open_image(image_path)
+            pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            pictures[image_path] = (pixels, image_token_count(processor, image))
+        pixels, n = pictures[image_path]
+        enc = encode_messages(tokenizer, messages)
+        ids, labels = [], []
+        for t, lab in zip(enc["input_ids"], enc["labels"]):  # one placeholder -> one per image patch
+            ids += [t] * (n if t == image_id else 1)
+            labels += [IGNORE_INDEX] * n if t == image_id else [lab]
+        if len(ids) > max_length:
+            raise TrainConfigError(f"{data_file}: record {i} is {len(ids)} tokens with its {n} image tokens, more "
+                                   f"than max_length={max_length}; raise max_length or shorten the conversation.")
+        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return rows
+
+
+class LlavaCollator:
+    """Pads input_ids/labels to the longest row, adds the attention mask, stacks the pictures."""
+
+    def __init__(self, pad_token_id: int, dtype=None):
+        self.pad, self.dtype = pad_token_id, dtype
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = [width - len(r["input_ids"]) for r in rows]
+        pixels = torch.stack([r["pixel_values"] for r in rows])
+        return {"input_ids": torch.tensor([r["input_ids"] + [self.pad] * n for r, n in zip(rows, pad)]),
+                "labels": torch.tensor([r["labels"] + [IGNORE_INDEX] * n for r, n in zip(rows, pad)]),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in zip(rows, pad)]),
+                "pixel_values": pixels.to(self.dtype) if self.dtype is not None else pixels}
+
+
+# ---------------------------------------------------------------- the model of each stage
+def lora_target_pattern(vision_lora: bool = True) -> str:
+    """A regex over module names: the LLM's linear layers, and the vision tower's when vision_lora."""
+    parts = [rf".*language_model\..*\.({'|'.join(LLM_LINEAR)})"]
+    if vision_lora:
+        parts.append(rf".*vision_tower\..*\.({'|'.join(VISION_LINEAR)})")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def load_stage_model(model_dir, stage: int, config: TrainConfig, vision_lora: bool = True,
+                     fully_trained: list[str] | None = None):
+    """(model, processor, quantization, note) ready to train: stage 1 projector only; stage 2 LoRA + projector."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    quantization, note = ("none", "stage 1 trains the projector only; the LLM and vision tower are frozen")
+    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
+    if stage == 2:
+        quantization, note = resolve_quantization(config.quantization)
+        if quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"],
+                llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"])  # only the LLM goes 4-bit
+    model, processor = load_vlm(model_dir, **kwargs)
+    if torch.cuda.is_available() and "quantization_config" not in kwargs:
+        model.to("cuda")
+    model.config.use_cache = False
+    if stage == 1:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.split(".")[1] == PROJECTOR if name.startswith("model.") else False
+        return model, processor, quantization, note
+    if quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    set_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=lora_target_pattern(vision_lora),
+                      modules_to_save=fully_trained or FULLY_TRAINED[config.preset])
+    return get_peft_model(model, lora), processor, quantization, note
+
+
+def trainable_summary(model) -> dict:
+    """Trainable parameters per part (llm / vision / projector) and in all."""
+    parts = {"llm": 0, "vision": 0, "projector": 0}
+    total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            part = "projector" if PROJECTOR in name else "vision" if "vision_tower" in name else "llm"  # lm_head: llm
+            parts[part] += p.numel()
+    return parts | {"trainable": sum(parts.values()), "total": total}
+
+
+# ---------------------------------------------------------------- training
+class _StagePaths:
+    """The files of one stage under WORK/vlm/train/stage<N>."""
+
+    def __init__(self, root: Path):
+        self.root, self.checkpoints, self.eval_outputs = root, root / "checkpoints", root / "eval_outputs"
+        self.metrics, self.loss_plot = root / "metrics.jsonl", root / "loss.png"
+
+
+def _image_evaluation_callback(base, image, config: TrainConfig, out_dir: Path, processor):
+    class ImageEvaluation(base):
+        """The kit's evaluation rounds, answering the questions about the picture."""
+
+        def evaluate(self, model, step: int) -> None:
+            if step in self.done:
+                return
+            answers = answer_about_image(model, processor, image, config.evaluation_inputs, config.system,
+                                         max_new_tokens=config.max_new_tokens)
+            atomic_write_text(out_dir / f"step_{step:06d}.json", json.dumps(
+                {"step": step, "inputs": config.evaluation_inputs, "answers": answers}, ensure_ascii=False, indent=1))
+            self.done.add(step)
+
+    return ImageEvaluation(processor.tokenizer, config, out_dir)
+
+
+def train_stage(work: Work, stage: int, model_dir, data_file, image, config: TrainConfig,
+                vision_lora: bool = True, fully_trained: list[str] | None = None) -> dict:
+    """Run one stage; stage 1 writes WORK/vlm/aligned_model, stage 2 WORK/vlm/adapter. Returns a summary."""
+    import shutil
+
+    import torch
+    from transformers import PrinterCallback
+
+    paths = _StagePaths(work.vlm_stage(stage))
+    if paths.root.exists():  # each run of a stage starts over (the stages are minutes on a GPU)
+        shutil.rmtree(paths.root)
+    paths.eval_outputs.mkdir(parents=True)
+    model, processor, quantization, note = load_stage_model(model_dir, stage, config, vision_lora, fully_trained)
+    print(f"stage {stage}: {note}")
+    rows = encode_llava_samples(processor, data_file, config.max_length)
+    EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
+    extra = {"save_strategy": "no"} if stage == 1 else {}  # stage 1's result is the aligned model itself
+    config.extra = extra | dict(config.extra)
+    pixel_dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    trainer = _trainer_class()(model=model, args=training_arguments(config, paths.checkpoints), train_dataset=rows,
+                               data_collator=LlavaCollator(processor.tokenizer.pad_token_id, pixel_dtype))
+    trainer.remove_callback(PrinterCallback)
+    title = f"VLM stage {stage} loss ({'projector' if stage == 1 else 'LoRA + projector'})"
+    for cb in (_image_evaluation_callback(EvaluationCallback, image, config, paths.eval_outputs, processor),
+               MetricsCallback(weakref.ref(trainer), paths.metrics, paths.loss_plot, title), ProgressCallback()):
+        trainer.add_callback(cb)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = [json.loads(x) for x in paths.metrics.read_text().splitlines() if x.strip()]
+    record = {"stage": stage, "quantization": quantization, "model": str(model_dir), "data_file": str(data_file),
+              "samples": len(rows), "steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
+              "first_loss": metrics[0]["loss"] if metrics else None,
+              "final_loss": metrics[-1]["loss"] if metrics else None,
+              "peak_memory_mb": round(peak_memory_mb(), 1), "parameters": trainable_summary(model),
+              "hyper_parameters": config.hyper_parameters()}
+    out = work.vlm_aligned_model if stage == 1 else work.vlm_adapter
+    if stage == 1:
+        save_vlm(model, processor, out)
+        _save_projector(model, out / PROJECTOR_FILE)
+    else:
+        save_vlm(model, processor, out)  # the PEFT adapter (LoRA + projector) and the processor
+    atomic_write_text(out / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1, default=str))
+    return record | {"output": str(out), "model": model, "processor": processor,
+                     "evaluations": stage_evaluations(work, stage)}
+
+
+def _save_projector(model, path: Path) -> None:
+    """The projector's weights alone (what stage 1 produces; the course ships it as 'pretrained_pth')."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def stage_evaluations(work: Work, stage: int) -> list[dict]:
+    """Every evaluation round of a stage, in step order."""
+    out = _StagePaths(work.vlm_stage(stage)).eval_outputs
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("step_*.json"))]
+
+
+def evaluation_table(work: Work, stage: int):
+    """Answers per evaluation round: rows the questions, columns the steps."""
+    import pandas as pd
+
+    rounds = stage_evaluations(work, stage)
+    table = pd.DataFrame({f"step {r['step']}": r["answers"] for r in rounds}, index=rounds[0]["inputs"])
+    table.index.name = "question"
+    return table
+
+
+def loss_plot(work: Work, stage: int) -> Path:
+    return _StagePaths(work.vlm_stage(stage)).loss_plot
+
+
+# ---------------------------------------------------------------- after training
+def load_adapter_vlm(work: Work):
+    """The aligned model with the stage-2 adapter on top (unmerged), and the processor."""
+    from peft import PeftModel
+
+    model, processor = load_vlm(work.vlm_aligned_model)
+    return PeftModel.from_pretrained(model, str(work.vlm_adapter)), processor
+
+
+def merge_vlm(work: Work) -> Path:
+    """aligned model + adapter (LoRA and projector) -> one plain LLaVA in WORK/vlm/final_model."""
+    import torch
+
+    model, processor = load_adapter_vlm(work)
+    merged = model.merge_and_unload()
+    merged.to(torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
+    out = save_vlm(merged, processor, work.vlm_final_model)
+    record = work.vlm_adapter / "training_record.json"
+    if record.exists():
+        (out / "training_record.json").write_text(record.read_text(encoding="utf-8"), encoding="utf-8")
+    return out
+
+
+def before_after_table(questions: list[str], expected: list[str], stage1: list[str], stage2: list[str]):
+    """The same questions about the picture: expected answer, after stage 1, after stage 2, and whether it matches."""
+    import pandas as pd
+
+    return pd.DataFrame({"question": questions, "expected": expected, "stage 1 (projector only)": stage1,
+                         "stage 2 (fine-tuned)": stage2,
+                         "stage 2 matches": [a.strip() == e.strip() for a, e in zip(stage2, expected)]})
+
+
+def show_llava_loss_mask(processor, data_file, record: int = 0):
+    """One training record token by token with its loss mask; the run of image tokens is shown as one row."""
+    import pandas as pd
+
+    row = encode_llava_samples(processor, data_file, max_length=10**6)[record]
+    tokenizer, image_id = processor.tokenizer, processor.image_token_id
+    out = []
+    for t, lab in zip(row["input_ids"], row["labels"]):
+        if t == image_id and out and out[-1]["id"] == image_id:
+            out[-1]["count"] += 1
+            continue
+        out.append({"token": tokenizer.decode([t]), "id": t, "count": 1, "trained": lab != IGNORE_INDEX})
+    return pd.DataFrame(out)
+
+
+def public_record(record: dict) -> dict:
+    """A stage's summary without the live objects (for the results file)."""
+    return {k: v for k, v in record.items() if k not in ("model", "processor")}

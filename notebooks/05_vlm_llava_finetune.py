@@ -1,0 +1,181 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · A vision-language model: teach a LLaVA model about one picture
+#
+# A LLaVA model is three parts: a **vision encoder** (CLIP) turns the picture into patch features, a small
+# **projector** (two linear layers with GELU between) maps them into the LLM's embedding space, and the
+# **chat LLM** reads them as if they were words, at the place of the `<image>` token.
+#
+# Training happens in two stages, as in the course:
+# 1. **Pre-alignment** — only the projector learns, on picture/caption pairs. Afterwards the model can caption,
+#    but it knows nothing else about the picture.
+# 2. **Fine-tune** — LoRA on the LLM (in 4-bit on a GPU: QLoRA), LoRA on the vision encoder, and the projector,
+#    on scripted conversations about the picture repeated many times. Afterwards it answers those questions.
+#
+# We compare the two on the same questions. On the defaults everything is tiny and runs on a CPU in minutes;
+# pass a real LLM and `clip-vit-large-patch14-336` folder to do the real thing on a GPU.
+
+# %% tags=["parameters"]
+work_dir = None                # the run's work directory (None: ./work)
+llm = None                     # the chat LLM folder (None: the base model notebook 00 prepared)
+vision_encoder = "tiny"        # "tiny" (a small CLIP tower built here) or a local clip-vit-large-patch14-336 folder
+image = None                   # the picture (None: the one the kit draws, data/vlm_picture.png)
+conversations_file = None      # scripted conversations, LLaVA format (None: data/vlm_conversations.json)
+captions_file = None           # stage-1 caption pairs, LLaVA format (None: data/vlm_captions.json)
+repeats = 20                   # each conversation repeated this many times (the course: 200)
+stages = [1, 2]                # which stages to run; [2] reuses an earlier stage 1 in this work_dir
+preset = "tiny"                # "tiny" (CPU defaults) or "homework" (the course's GPU settings)
+stage1_steps = None            # projector updates (None: the preset's; -1: one epoch)
+stage2_steps = None            # fine-tune updates (None: the preset's; -1: one epoch)
+quantization = "auto"          # stage 2 LLM: "auto" (4-bit when CUDA + bitsandbytes), "nf4" or "none"
+vision_lora = True             # LoRA on the vision encoder too
+system = ""                    # system prompt for the questions ("" : none)
+
+# %%
+from IPython.display import Image, display
+
+import helpers
+from helpers.progress import quiet_libraries
+from helpers.results import save_results
+from helpers.vlm import answer_about_image, load_vlm, prepare_vlm
+from helpers.vlm_data import CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, make_llava_data, scripted_qa
+from helpers import vlm_train as vt
+
+quiet_libraries()
+work = helpers.work(work_dir)
+picture = image or PICTURE_FILE
+built = prepare_vlm(work, llm, vision_encoder)
+built
+
+# %% [markdown]
+# ## The picture
+# The kit draws its own picture (so nothing is downloaded): a house, a tree, the sun. The vision encoder
+# sees it at its own resolution, cut into patches; each patch becomes one `<image>` position in the text.
+
+# %%
+display(Image(filename=str(picture), width=256))
+
+# %% [markdown]
+# ## The data, in LLaVA format
+# Each record names the picture and holds a conversation; `<image>` stands in the first human turn only.
+# Stage 1 reads caption pairs, stage 2 the scripted conversations, each repeated `repeats` times.
+# Bad records are reported with one sentence (also: `python -m helpers validate-data --llava FILE`).
+
+# %%
+files = make_llava_data(work.vlm_data, picture, conversations_file or CONVERSATIONS_FILE,
+                        captions_file or CAPTIONS_FILE, repeats=repeats)
+qa = scripted_qa(conversations_file or CONVERSATIONS_FILE)
+questions, expected = list(qa), list(qa.values())
+summary = {name: vt.validate_llava_data(files[name]) for name in ("captions", "conversations")}
+{name: {k: s[k] for k in ("records", "turns", "images")} for name, s in summary.items()}
+
+# %% [markdown]
+# ## The loss mask
+# The picture's positions, the system prompt and the questions are context; only the assistant's answers
+# (and the `<|im_end|>` that closes them) are trained on. One conversation, token by token (`count`: the run
+# of image positions is shown as one row):
+
+# %%
+_, processor = load_vlm(work.vlm_base_model)
+vt.show_llava_loss_mask(processor, files["conversations"]).T
+
+# %% [markdown]
+# ## Stage 1: pre-align the projector
+# The LLM and the vision encoder stay frozen; the projector learns to turn the picture's features into
+# something the LLM can describe. On a real model this is the course's "pre-trained projector" step.
+
+# %%
+if 1 in stages:
+    config1 = vt.stage_config(1, preset, max_steps=stage1_steps, evaluation_inputs=["请描述这张图片。"], system=system)
+    stage1 = vt.train_stage(work, 1, work.vlm_base_model, files["captions"], files["image"], config1)
+    display(Image(filename=str(vt.loss_plot(work, 1))))
+vt.evaluation_table(work, 1)
+
+# %% [markdown]
+# Before the fine-tune: the stage-1 model answers the scripted questions. It has never seen them, so it
+# answers with whatever its LLM already says.
+
+# %%
+model1, processor1 = load_vlm(work.vlm_aligned_model)
+stage1_answers = answer_about_image(model1, processor1, files["image"], questions, system)
+vt.before_after_table(questions, expected, stage1_answers, ["(not trained yet)"] * len(questions))
+
+# %% [markdown]
+# ## Stage 2: fine-tune (LoRA on the LLM and the vision encoder, projector trained)
+# On a GPU with bitsandbytes the LLM is loaded in 4-bit NF4 (QLoRA); on a CPU the same recipe runs in 32-bit.
+# The evaluation rounds below answer the scripted questions every few steps, so you can watch them arrive.
+
+# %%
+### BEGIN SOLUTION
+config2 = vt.stage_config(2, preset, max_steps=stage2_steps, quantization=quantization,
+                          evaluation_inputs=questions, system=system)
+### END SOLUTION
+{k: getattr(config2, k) for k in ("lr", "max_steps", "batch_size", "lora_r", "lora_alpha", "quantization")}
+
+# %%
+if 2 in stages:
+    stage2 = vt.train_stage(work, 2, work.vlm_aligned_model, files["conversations"], files["image"], config2,
+                            vision_lora=vision_lora)
+    print({k: stage2[k] for k in ("quantization", "steps", "first_loss", "final_loss", "train_seconds")})
+    print("trainable parameters:", stage2["parameters"])
+    display(Image(filename=str(vt.loss_plot(work, 2))))
+
+# %%
+vt.evaluation_table(work, 2)
+
+# %% [markdown]
+# ## Before and after
+# The same questions about the same picture: the stage-1 model against the fine-tuned one.
+
+# %%
+model2, processor2 = vt.load_adapter_vlm(work)
+stage2_answers = answer_about_image(model2, processor2, files["image"], questions, system)
+table = vt.before_after_table(questions, expected, stage1_answers, stage2_answers)
+table
+
+# %% [markdown]
+# ## Save: adapter, projector, and a merged model
+# `WORK/vlm/adapter` holds the LoRA layers and the trained projector; `WORK/vlm/aligned_model/projector.safetensors`
+# the stage-1 projector. Merging folds the adapter into the weights: `WORK/vlm/final_model` is one plain
+# LLaVA model that `AutoModelForImageTextToText` and `AutoProcessor` load.
+
+# %%
+final = vt.merge_vlm(work)
+merged, merged_processor = load_vlm(final)
+merged_answers = answer_about_image(merged, merged_processor, files["image"], questions, system)
+print("merged model answers as the adapter did:", merged_answers == stage2_answers)
+
+# %% [markdown]
+# ## Chat about the picture
+# The first question carries the picture; later ones continue the conversation. In a terminal:
+# `python -m helpers chat WORK/vlm/final_model --image data/vlm_picture.png`.
+
+# %%
+from helpers.vlm_chat import VlmChat
+
+chat = VlmChat(merged, merged_processor, files["image"], system)
+for q in questions[:2]:
+    print("用户 >>>", q)
+    print("助手 >>>", chat.ask(q))
+
+# %%
+save_results(work, "05_vlm_llava_finetune", {
+    "image": str(files["image"]), "source_image": str(picture), **built, "questions": questions,
+    "expected_answers": expected, "stage1_answers": stage1_answers, "stage2_answers": stage2_answers,
+    "merged_answers": merged_answers, "stage2_matches": table["stage 2 matches"].tolist(),
+    "all_match": bool(table["stage 2 matches"].all()), "final_model": str(final),
+    "before_after": table.to_dict(orient="records"),
+    "stage1": vt.public_record(stage1) if 1 in stages else None,
+    "stage2": vt.public_record(stage2) if 2 in stages else None})
+
+# %% [markdown]
+# Next: **06 · Publish** — the model and a demo app, ready to share.
