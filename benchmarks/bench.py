@@ -157,7 +157,9 @@ def kit_plan(recipe):
     if recipe == "kit-liger-ce":
         plan.loss = "liger"
     if recipe == "kit-compiled":
-        plan.compile_layers = True
+        plan.compile_layers, plan.kernels = True, "torch"
+    if recipe == "kit-torch":
+        plan.kernels = "torch"
     return plan
 
 
@@ -191,7 +193,7 @@ def worker(recipe, model_dir, tiny, out_path, homework):
             plan.tokens_per_step, plan.accumulation = 512, 1
         model = fp.load_for_training(model_dir, plan, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"])
         what = f"{plan.precision}, {'checkpointing' if plan.gradient_checkpointing else 'no recomputation'}, " \
-               f"{plan.attention} attention, {plan.loss} CE"
+               f"{plan.attention} attention, {plan.loss} CE, {plan.kernels} kernels" + (", compiled layers" if plan.compile_layers else "")
         opt = fp.optimizer_for(model, plan)
     else:
         plan = None
@@ -423,7 +425,7 @@ def print_tables(results, out_dir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU check)")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES + ["kit-liger-ce", "kit-compiled"]))
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES + ["kit-torch", "kit-liger-ce", "kit-compiled"]))
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for results")
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")

@@ -35,6 +35,7 @@ class FastPlan:
     attention: str = "sdpa"           # "varlen" (torch flash varlen) or "sdpa" (block-diagonal mask)
     loss: str = "chunked"             # "chunked" (the kit's fused linear CE) or "liger"
     loss_chunk: int = 4096            # rows of logits alive at once
+    kernels: str = "torch"            # "liger": fused RMSNorm / SwiGLU / RoPE Triton kernels (when installed)
     compile_layers: bool = False
     reason: str = ""
     extras: dict = field(default_factory=dict)
@@ -87,13 +88,14 @@ def make_plan(preset: str = "auto", gpu_memory_gib: float | None = None, bf16: b
                         tokens_per_step=pack_length, accumulation=max(1, effective_tokens // pack_length))
     attention = "varlen" if (cuda and varlen_available()) or not cuda else "sdpa"
     loss = "chunked"
+    kernels = "liger" if cuda and _has("liger_kernel") else "torch"
     lean = preset == "lean" or (preset == "auto" and (gpu_memory_gib < 40 or not bf16) and has_4bit)
     if lean and has_4bit:
         # 4-bit weights (~1 GiB for 1.8B) and recomputed layers: 2048-token packs fit in ~4 GiB.
         per_step = pack_length if gpu_memory_gib < 12 else min(effective_tokens, 8 * pack_length)
         return FastPlan(device="cuda", precision="nf4", gradient_checkpointing=True, tokens_per_step=per_step,
                         accumulation=max(1, effective_tokens // per_step), attention=attention, loss=loss,
-                        loss_chunk=1024,
+                        loss_chunk=1024, kernels=kernels,
                         reason=f"{gpu_memory_gib:.0f} GiB GPU: 4-bit NF4 weights, recomputed layers, "
                                f"{per_step} tokens per forward x {max(1, effective_tokens // per_step)}.")
     # bf16 weights (~3.7 GiB for 1.8B) and no recomputation: ~2.4 MB of activations per token.
@@ -107,7 +109,7 @@ def make_plan(preset: str = "auto", gpu_memory_gib: float | None = None, bf16: b
     dtype = "bf16" if bf16 else "fp16"
     return FastPlan(device="cuda", precision=dtype, gradient_checkpointing=checkpointing, tokens_per_step=per_step,
                     accumulation=max(1, effective_tokens // per_step), attention=attention, loss=loss,
-                    reason=f"{gpu_memory_gib:.0f} GiB GPU: {dtype} LoRA, "
+                    kernels=kernels, reason=f"{gpu_memory_gib:.0f} GiB GPU: {dtype} LoRA, "
                            f"{'recomputed' if checkpointing else 'stored'} activations, {per_step} tokens per "
                            f"forward x {max(1, effective_tokens // per_step)}.")
 
@@ -148,19 +150,23 @@ def collate_packed(samples: list[dict], pad_to: int | None = None, pad_id: int =
         pos += range(n)
         tgt += shift_targets(s["labels"])
         lengths.append(n)
+    longest = ceil_div(max(lengths), 64) * 64  # a stable bound for the kernels (and for torch.compile)
     if pad_to is not None and pad_to > len(ids):
-        extra = pad_to - len(ids)  # the tail is one more "sample" that predicts nothing (fixed shapes)
+        extra = pad_to - len(ids)  # the tail: more "samples" that predict nothing (fixed shapes)
         ids += [pad_id] * extra
-        pos += range(extra)
         tgt += [IGNORE] * extra
-        lengths.append(extra)
+        while extra > 0:
+            n = min(extra, longest)
+            pos += range(n)
+            lengths.append(n)
+            extra -= n
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     cu_t = t(cu, torch.int32)
     return {"input_ids": t(ids)[None], "position_ids": t(pos)[None], "targets": t(tgt)[None],
-            "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+            "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": longest, "max_length_k": longest}
 
 
 # ---------------------------------------------------------------- attention
@@ -333,6 +339,8 @@ def add_lora(model, plan: FastPlan, lora_r=64, lora_alpha=16, lora_dropout=0.0,
 
     for p in model.parameters():
         p.requires_grad_(False)
+    if plan.kernels == "liger":
+        plan.kernels = _apply_liger(model)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -352,6 +360,18 @@ def add_lora(model, plan: FastPlan, lora_r=64, lora_alpha=16, lora_dropout=0.0,
         for layer in causal_lm(model).get_decoder().layers:
             layer.compile()
     return model
+
+
+def _apply_liger(model) -> str:
+    """Liger's fused RMSNorm, SwiGLU and RoPE on this model instance; the loss stays the kit's own."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        return "liger"
+    except Exception as e:  # not supported for this architecture or this GPU: plain torch ops
+        return f"torch (liger failed: {type(e).__name__})"
 
 
 def optimizer_for(model, plan: FastPlan, lr: float = 2e-4):
