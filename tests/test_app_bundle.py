@@ -1,0 +1,253 @@
+"""The deployable app bundle: its files, the first-start fetch of the model with git-lfs and its cache, and the
+app answering from the pulled model (streamlit's AppTest, and a real headless Chromium)."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import publish
+from helpers.paths import work as make_work
+
+IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def pushed(tmp_path, tiny_model_dir):
+    """A work dir whose tiny final_model was pushed to its local bare remote, and the app bundle built on it."""
+    w = make_work(tmp_path / "work")
+    shutil.copytree(tiny_model_dir, w.final_model)
+    publish.build_model_repo(w, "m")
+    url = publish.default_remote(w)
+    result = publish.push_model_repo(w, url)
+    publish.build_app_bundle(w, url, title="测试助手")
+    return w, url, result
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bundle_{path.stem}_{id(path)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def deploy_copy(app_dir: Path, dest: Path) -> Path:
+    """The bundle as a platform gets it: its files alone, in an empty folder, no model cache."""
+    shutil.copytree(app_dir, dest)
+    assert not (dest / "model_cache").exists()
+    return dest
+
+
+def test_bundle_files(pushed):
+    w, url, _ = pushed
+    app = w.app
+    assert sorted(p.name for p in app.iterdir()) == [".gitignore", "README.md", "app.py", "app_config.json",
+                                                     "chat_app.py", "fetch_model.py", "packages.txt", "requirements.txt"]
+    assert (app / "chat_app.py").read_bytes() == publish.WEB_APP.read_bytes()
+    assert (app / "packages.txt").read_text().split() == ["git", "git-lfs"]
+    requirements = dict(line.split("==") for line in (app / "requirements.txt").read_text().split())
+    assert {"streamlit", "transformers", "torch", "tokenizers", "safetensors"} <= set(requirements)
+    for name, pinned in requirements.items():
+        assert version(name).split("+")[0] == pinned
+    assert json.loads((app / "app_config.json").read_text()) == {"model_repo_url": url, "revision": "main",
+                                                                "title": "测试助手"}
+    readme = (app / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(readme.split("---\n")[1])
+    assert front["sdk"] == "streamlit" and front["app_file"] == "app.py" and front["sdk_version"] == version("streamlit")
+    assert "## Deploy on OpenXLab" in readme and "## Deploy on Hugging Face Spaces" in readme
+    for name in ("app.py", "fetch_model.py"):  # deployable: the standard library, streamlit and the bundle only
+        tree = ast.parse((app / name).read_text(encoding="utf-8"))
+        used = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        used |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert used - set(sys.stdlib_module_names) <= {"streamlit", "chat_app", "fetch_model"}, name
+
+
+def test_bundle_config_never_holds_credentials(pushed):
+    w, _, _ = pushed
+    publish.build_app_bundle(w, "https://student@hub.example/student/model.git")
+    assert json.loads((w.app / "app_config.json").read_text())["model_repo_url"] == "https://hub.example/student/model.git"
+    with pytest.raises(publish.PublishError, match="has a password or token written into it"):
+        publish.build_app_bundle(w, "https://student:secret@hub.example/student/model.git")
+
+
+def test_fetch_clones_once_then_uses_the_cache(pushed, tmp_path):
+    w, url, result = pushed
+    fetch = load_module(w.app / "fetch_model.py")
+    cache = tmp_path / "cache"
+    model = fetch.fetch_model(url, cache)
+    assert model == cache / "model" and not (model / ".git").exists()
+    assert fetch.fetched_commit(model) == result.commit
+    built = {f["path"]: f["sha256"] for f in publish.repo_files(w.model_repo)}
+    got = {f["path"]: f["sha256"] for f in publish.repo_files(model) if f["path"] != fetch.MARKER}
+    assert got == built  # weights included, not LFS pointers
+    assert sorted(p.name for p in cache.iterdir()) == ["model"]  # no temp dirs left
+
+    stamp = (model / "model.safetensors").stat().st_mtime_ns
+    w.publish_remote.rename(tmp_path / "remote-gone.git")  # a second start must not need the remote
+    assert fetch.fetch_model(url, cache) == model and (model / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(fetch.FetchError, match="^cloning .* failed .*check the URL"):
+        fetch.fetch_model(url, cache, refresh=True)
+    assert fetch.fetched_commit(model) == result.commit  # the cached copy survives a failed refresh
+    assert sorted(p.name for p in cache.iterdir()) == ["model"]
+
+
+def test_fetch_refuses_a_repository_that_is_not_a_model(pushed, tmp_path):
+    w, _, _ = pushed
+    app_remote = tmp_path / "app.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(app_remote)], check=True)
+    publish.push_folder(w.app, app_remote.as_uri(), message="Deploy the chat demo")  # the app's own remote
+    fetch = load_module(w.app / "fetch_model.py")
+    with pytest.raises(fetch.FetchError, match="has no config.json at its top level"):
+        fetch.fetch_model(app_remote.as_uri(), tmp_path / "cache")
+    assert not (tmp_path / "cache" / "model").exists()
+
+
+def test_settings_come_from_config_then_environment(pushed, monkeypatch, tmp_path):
+    w, url, _ = pushed
+    fetch = load_module(w.app / "fetch_model.py")
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert fetch.settings(w.app) == {"model_repo_url": url, "revision": "main",
+                                     "cache_dir": str(w.app / "model_cache"), "title": "测试助手"}
+    monkeypatch.setenv("MODEL_REPO_URL", "https://hub.example/u/other.git")
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "c"))
+    got = fetch.settings(w.app)
+    assert got["model_repo_url"] == "https://hub.example/u/other.git" and got["cache_dir"] == str(tmp_path / "c")
+    monkeypatch.delenv("MODEL_REPO_URL")
+    with pytest.raises(fetch.FetchError, match="no model repository configured"):
+        fetch.settings(tmp_path)
+
+
+def _chat(app_file: Path, question: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(app_file), default_timeout=600).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.chat_input[0].set_value(question).run()
+    assert not at.exception
+    return at
+
+
+def test_app_from_an_empty_dir_answers_from_the_pulled_model(pushed, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.generation import generate_answers
+
+    w, _, result = pushed
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    at = _chat(app / "app.py", "请你介绍一下你自己")
+    assert (app / "model_cache" / "model" / "model.safetensors").read_bytes() == (w.final_model / "model.safetensors").read_bytes()
+    assert at.title[0].value == "测试助手" and result.commit[:12] in at.caption[-1].value
+    model = AutoModelForCausalLM.from_pretrained(w.final_model)
+    expected = generate_answers(model, AutoTokenizer.from_pretrained(w.final_model), ["请你介绍一下你自己"])[0]
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+    assert at.chat_message[1].markdown[0].value.strip() == expected
+
+
+def test_app_names_an_unreachable_model_repository(pushed, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    w, _, _ = pushed
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    monkeypatch.setenv("MODEL_REPO_URL", (tmp_path / "nowhere.git").as_uri())
+    at = AppTest.from_file(str(app / "app.py"), default_timeout=300).run()
+    assert not at.exception and "failed" in at.error[0].value and "check the URL" in at.error[0].value
+    assert len(at.chat_input) == 0
+
+
+# ---------------------------------------------------------------- with the course's fine-tuned model
+def test_course_app_answers_the_identity_question(course_work, tmp_path, monkeypatch):
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    pushed_commit = json.loads(course_work.result("06_publish").read_text())["commit"]
+    app = deploy_copy(course_work.app, tmp_path / "deployed")
+    at = _chat(app / "app.py", "请你介绍一下你自己")
+    assert IDENTITY in at.chat_message[1].markdown[0].value
+    assert pushed_commit[:12] in at.caption[-1].value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def deployed_server(course_work, tmp_path):
+    app = deploy_copy(course_work.app, tmp_path / "deployed")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_")}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                               "--server.port", str(port), "--server.address", "127.0.0.1",
+                               "--browser.gatherUsageStats", "false"],
+                              cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            assert server.poll() is None, f"streamlit exited: {server.stdout.read()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_deployed_app_in_a_real_browser(deployed_server, artifacts_dir):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, app = deployed_server
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "install chromium and chromium-driver (.ci/run does)"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 600, poll_frequency=0.2)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
+        assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start
+        box.send_keys("请你介绍一下你自己")
+        box.send_keys(Keys.ENTER)
+
+        def messages(d):
+            return [m.text for m in d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")]
+
+        wait.until(lambda d: len(messages(d)) == 2 and IDENTITY in messages(d)[1])
+        artifacts_dir.mkdir(exist_ok=True)
+        shot = artifacts_dir / "app_bundle_chat.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
