@@ -430,6 +430,7 @@ def main(argv=None):
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
     ap.add_argument("--no-homework", action="store_true")
+    ap.add_argument("--deadline", type=int, default=0, help="stop starting recipes after this many seconds (0: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -449,12 +450,18 @@ def main(argv=None):
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--no-homework"] if args.no_homework else []
         t1 = time.perf_counter()
+        limit = args.timeout
+        if args.deadline:
+            limit = int(min(limit, args.deadline - (t1 - t0)))
+            if limit < 30:
+                results[recipe] = [{"kind": "failed", "error": "not run: the run's time limit was reached"}]
+                continue
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
             err = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
             (out / f"{recipe}.log").write_text(proc.stdout + proc.stderr)
         except subprocess.TimeoutExpired:
-            err = f"timed out after {args.timeout} s"
+            err = f"timed out after {limit} s"
         recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         if err:
             recs.append({"kind": "failed", "error": err})
