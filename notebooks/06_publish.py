@@ -126,7 +126,7 @@ print(hub_upload or "huggingface_hub upload: not asked for (hub_repo_id is None)
 # %%
 # NBVAL_CHECK_OUTPUT
 app = build_app_bundle(work, target_url, title=app_title)
-print("\n".join(sorted(p.name for p in app.iterdir())))
+print("\n".join(sorted(p.name for p in app.iterdir() if p.name != ".git")))
 print("---- packages.txt\n" + (app / "packages.txt").read_text())
 
 # %%
@@ -144,7 +144,8 @@ from helpers.results import save_results
 save_results(work, "06_publish", {
     **push.to_dict(), "push": push.to_dict(), "model_repo": str(repo), "files": repo_files(repo),
     "lfs_objects": lfs_files(repo), "verified": verified, "hub_upload": hub_upload, "app": str(app),
-    "app_files": sorted(p.name for p in app.iterdir()), "app_push": app_push.to_dict() if app_push else None});
+    "app_files": sorted(p.name for p in app.iterdir() if p.name != ".git"),
+    "app_push": app_push.to_dict() if app_push else None});
 
 # %% [markdown]
 # To try the app here: `cd WORK/publish/app && streamlit run app.py`. The model card, the app and the
