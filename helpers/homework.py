@@ -357,7 +357,10 @@ def _make_student(args) -> int:
 def _check(args) -> int:
     import os as _os
 
+    from .progress import quiet_libraries
+
     _os.environ.setdefault("KIT_HEADLESS", "1")
+    quiet_libraries()
     checks = check_work(args.work_dir, args.name, args.publish, recompute=not args.trust_results)
     print_checks(checks)
     failed = [c.name for c in checks if c.status == "FAIL"]
