@@ -290,7 +290,8 @@ def _remote_problem(url: str, stderr: str, token: str | None) -> str:
     """One sentence for a failed fetch/push, from git's own words."""
     low = stderr.lower()
     where = _safe_url(url)
-    if any(s in low for s in ("authentication failed", "401", "403", "invalid username or password",
+    local = urlsplit(url).scheme == "file"
+    if not local and any(s in low for s in ("authentication failed", "401", "403", "invalid username or password",
                               "access denied", "permission denied", "unauthorized", "forbidden")):
         if token:
             return (f"the remote {where} rejected the credentials; check that the token in {TOKEN_ENV} is valid and "
@@ -300,7 +301,7 @@ def _remote_problem(url: str, stderr: str, token: str | None) -> str:
         return f"the remote {where} needs a token; set the {TOKEN_ENV} environment variable (or enter it when asked)."
     if any(s in low for s in ("could not resolve host", "failed to connect", "connection refused", "timed out",
                               "does not appear to be a git repository", "not found", "unable to access",
-                              "no such file or directory", "could not read from remote")):
+                              "no such file or directory", "could not read from remote")) or local:
         return (f"cannot reach the remote {where} ({_last_lines(stderr, 1)}); check the URL, that the repository "
                 "exists (create it on the hub first), and the network.")
     return f"git could not talk to the remote {where}: {_last_lines(stderr)}"
