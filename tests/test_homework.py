@@ -69,25 +69,36 @@ def test_student_versions_differ_only_in_the_solution_regions(student_dir):
     assert "# - set `name`: whose assistant it is" in student01  # the teacher's hint stays
 
 
-def test_student_notebooks_raise_not_implemented_at_the_first_marked_cell(student_dir, course_work, tmp_path):
+def test_every_blanked_region_raises_not_implemented(student_dir):
+    blanked = 0
+    for book in sorted(student_dir.glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(book, 4).cells):
+            lines = cell.source.split("\n")
+            for n, line in enumerate(lines):
+                if line.strip().startswith(TODO_START):
+                    # The cell up to the end of this TODO block, run alone, stops at the NotImplementedError.
+                    stop = next(k for k in range(n, len(lines)) if lines[k].strip() == "raise NotImplementedError")
+                    with pytest.raises(NotImplementedError):
+                        exec(compile("\n".join(lines[: stop + 1]), f"{book.name} cell {i + 1}", "exec"), {})
+                    blanked += 1
+    assert blanked >= 3
+
+
+def test_student_notebooks_stop_at_the_marked_cell_when_run(student_dir, tmp_path):
     import papermill as pm
 
-    work = tmp_path / "work"
-    shutil.copytree(course_work.root, work, symlinks=True)
-    marked = [p for p in sorted(student_dir.glob("*.ipynb"))
-              if any(TODO_START in c.source for c in nbformat.read(p, 4).cells)]
-    assert {"00_environment.ipynb", "01_data_generation.ipynb"} <= {p.name for p in marked}
-    for book in marked:
-        cells = [c for c in nbformat.read(book, 4).cells if c.cell_type == "code"]
+    for name in ("00_environment.ipynb", "01_data_generation.ipynb"):
+        cells = [c for c in nbformat.read(student_dir / name, 4).cells if c.cell_type == "code"]
         first = next(i for i, c in enumerate(cells) if TODO_START in c.source)
         with pytest.raises(pm.PapermillExecutionError) as err:
-            pm.execute_notebook(str(book), str(tmp_path / book.name), parameters={"work_dir": str(work)},
-                                cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False)
-        assert err.value.ename == "NotImplementedError", f"{book.name}: {err.value.ename}: {err.value.evalue}"
-        ran = [c for c in nbformat.read(tmp_path / book.name, 4).cells if c.cell_type == "code"
+            pm.execute_notebook(str(student_dir / name), str(tmp_path / name),
+                                parameters={"work_dir": str(tmp_path / "work")}, cwd=str(NOTEBOOKS_DIR),
+                                kernel_name="python3", progress_bar=False)
+        assert err.value.ename == "NotImplementedError", f"{name}: {err.value.ename}: {err.value.evalue}"
+        ran = [c for c in nbformat.read(tmp_path / name, 4).cells if c.cell_type == "code"
                and "injected-parameters" not in c.metadata.get("tags", [])]
         failed = [i for i, c in enumerate(ran) if any(o.get("output_type") == "error" for o in c.outputs)]
-        assert failed == [first], f"{book.name} failed in code cell {failed}, not the marked cell {first}"
+        assert failed == [first], f"{name} failed in code cell {failed}, not the marked cell {first}"
 
 
 def test_blanking_keeps_indentation_and_hints():
