@@ -3,6 +3,7 @@
 NBVAL_CHECK_OUTPUT (the ones nbval compares)."""
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,13 @@ def _read_py(py: Path):
     import jupytext
 
     nb = jupytext.read(py)
+    seen: set[str] = set()
+    for cell in nb.cells:  # ids from the cell's text, so rebuilding an unchanged notebook changes nothing
+        cid = hashlib.sha1(cell.source.encode()).hexdigest()[:12]
+        while cid in seen:
+            cid = hashlib.sha1(cid.encode()).hexdigest()[:12]
+        seen.add(cid)
+        cell.id = cid
     nb.metadata["kernelspec"] = KERNELSPEC
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
     return nb
