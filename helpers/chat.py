@@ -225,15 +225,17 @@ def chat_widget(model, tokenizer, system: str = "", settings: GenerationSettings
 
 # --- commands ------------------------------------------------------------------------------------
 
-def _default_model_dir() -> str:
+def _default_model_dir(vlm: bool = False) -> str:
     from .paths import work
 
-    return str(work(create=False).final_model)
+    w = work(create=False)
+    return str(w.vlm_final_model if vlm else w.final_model)
 
 
 def add_command(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (streams; RESET / EXIT)")
-    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="model directory (default: WORK/final_model; with --image WORK/vlm/final_model)")
     p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on top of MODEL_DIR")
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--image", default=None, help="an image file: chat with a vision-language model about it")
@@ -252,13 +254,14 @@ def _chat(args) -> int:
     from .progress import quiet_libraries
 
     quiet_libraries()
-    model_dir = args.model_dir or _default_model_dir()
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     try:
         if args.image:
             from . import vlm_chat
 
-            return int(vlm_chat.run_cli(model_dir, args.image, args.system) or 0)
+            model_dir = args.model_dir or _default_model_dir(vlm=True)
+            return int(vlm_chat.run_cli(model_dir, args.image, args.system, max_new_tokens=args.max_new_tokens) or 0)
+        model_dir = args.model_dir or _default_model_dir()
         model, tokenizer = load_chat_model(model_dir, args.adapter)
         stop_token_ids(tokenizer, model.generation_config)
     except (ModelPathError, AdapterError, TemplateError) as e:

@@ -130,11 +130,11 @@ def test_image_option_hands_over_to_the_vlm_chat(monkeypatch, tmp_path):
 
     calls = []
     fake = types.ModuleType("helpers.vlm_chat")
-    fake.run_cli = lambda *args, **kwargs: calls.append(args) or 0
+    fake.run_cli = lambda *args, **kwargs: calls.append((args, kwargs)) or 0
     monkeypatch.setitem(sys.modules, "helpers.vlm_chat", fake)
     monkeypatch.setattr(sys.modules["helpers"], "vlm_chat", fake, raising=False)
-    assert main(["chat", str(tmp_path), "--image", "cat.png", "--system", "be brief"]) == 0
-    assert calls == [(str(tmp_path), "cat.png", "be brief")]
+    assert main(["chat", str(tmp_path), "--image", "cat.png", "--system", "be brief", "--max-new-tokens", "40"]) == 0
+    assert calls == [((str(tmp_path), "cat.png", "be brief"), {"max_new_tokens": 40})]
 
 
 def test_before_after_table_shows_the_fine_tune(course_work):
