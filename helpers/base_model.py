@@ -54,8 +54,13 @@ def prepare_base_model(base_model: str, work: Work, seed: int = 0) -> Path:
         record.write_text(json.dumps({"kind": "hub", "id": base_model}, indent=1))
         return Path(base_model)
     path = check_model_dir(base_model).resolve()
-    record.write_text(json.dumps({"kind": "local", "path": str(path)}, indent=1))
-    return path
+    info = {"kind": "local", "path": str(path)}
+    from .internlm2 import convert_internlm2, is_internlm2
+
+    if is_internlm2(path):  # its remote code does not follow transformers: load a Llama-layout copy instead
+        info["converted"] = str(convert_internlm2(path, work.converted_model))
+    record.write_text(json.dumps(info, indent=1))
+    return Path(info.get("converted", path))
 
 
 def base_model_path(work: Work) -> str:

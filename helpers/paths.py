@@ -23,6 +23,10 @@ class Work:
         return self.root / "model"
 
     @property
+    def converted_model(self) -> Path:  # a real checkpoint rewritten to a layout transformers loads natively
+        return self.model / "converted"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
 

@@ -1,0 +1,758 @@
+"""The QLoRA fine-tune: a TrainConfig, one verb `train(config, work)`, and the pieces it is made of.
+
+The pieces are separate so a faster path can replace one of them: `load_model_for_training`
+(quantization "auto"/"nf4"/"none" + LoRA), `build_dataset` + `make_collator` (tokens, loss mask,
+packing), `compute_loss`, and the callbacks (evaluation rounds, metrics, loss curve, progress).
+Training itself is transformers' Trainer; checkpoints are written atomically (temp dir + rename).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import IGNORE_INDEX, DataError, atomic_write_text, encode_messages, file_sha256, load_dataset
+from .paths import Work
+from .progress import headless
+from .progress import tqdm as progress_bar
+
+
+class TrainConfigError(ValueError):
+    """A training parameter that cannot work; the message names it and the fix."""
+
+
+# Course knobs. None means "take the preset's value"; anything set explicitly wins over the preset.
+PRESETS = {
+    # The embedded tiny model on a CPU: a big learning rate and few steps, so the identity arrives in ~a minute.
+    "tiny": dict(max_length=256, pack_to_max_length=True, batch_size=1, gradient_accumulation=1, lr=2e-3,
+                 epochs=1, max_steps=150, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=16, lora_alpha=32,
+                 lora_dropout=0.0, target_modules="all-linear", train_lm_head=True, quantization="auto", evaluation_freq=25,
+                 save_steps=50, save_total_limit=3, gradient_checkpointing=False, logging_steps=5,
+                 max_new_tokens=48, cpu_threads=1),
+    # The course's homework settings for a real model (internlm2-chat-1.8b and friends) on a GPU.
+    "homework": dict(max_length=1024, pack_to_max_length=True, batch_size=1, gradient_accumulation=16, lr=2e-4,
+                     epochs=2, max_steps=-1, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=64, lora_alpha=16,
+                     lora_dropout=0.1, target_modules="all-linear", train_lm_head=False, quantization="auto",
+                     evaluation_freq=300,
+                     save_steps=300, save_total_limit=3, gradient_checkpointing=True, logging_steps=10,
+                     max_new_tokens=64, cpu_threads=0),
+}
+QUANTIZATIONS = ("auto", "nf4", "none")
+CHECKPOINT_MARK = "checkpoint_complete.json"  # written last, listing every file and its size
+RUN_FILE = "run.json"  # the fingerprint of the run the checkpoints belong to
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"                 # "tiny" (CPU, embedded model) or "homework" (the course's GPU settings)
+    base_model: str | None = None        # model dir or hub id (None: the one notebook 00 prepared)
+    data_path: str | None = None         # training data (None: WORK/data/personal_assistant.json)
+    max_length: int | None = None        # tokens per training sequence
+    pack_to_max_length: bool | None = None  # concatenate short samples up to max_length
+    batch_size: int | None = None        # sequences per step per device
+    gradient_accumulation: int | None = None  # steps summed before one optimizer update
+    lr: float | None = None              # peak learning rate (AdamW)
+    epochs: float | None = None          # passes over the data (ignored when max_steps > 0)
+    max_steps: int | None = None         # optimizer updates (-1: use epochs)
+    warmup_ratio: float | None = None    # share of updates with linear warm-up, then cosine to 0
+    max_grad_norm: float | None = None   # gradient clipping
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    target_modules: str | list | None = None  # "all-linear" or module names such as ["q_proj", "v_proj"]
+    # LoRA on the output layer too. The tiny model never saw the answer's tokens in pre-training, so their
+    # output rows are all alike and LoRA on the inner layers cannot tell them apart; a real model knows them.
+    train_lm_head: bool | None = None
+    quantization: str | None = None      # "auto", "nf4" (4-bit QLoRA, CUDA + bitsandbytes) or "none"
+    gradient_checkpointing: bool | None = None
+    evaluation_freq: int | None = None   # answer evaluation_inputs every this many updates
+    evaluation_inputs: list | None = None
+    system: str = ""                     # system prompt used when answering evaluation_inputs
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    logging_steps: int | None = None
+    max_new_tokens: int | None = None
+    cpu_threads: int | None = None       # torch CPU threads while training (0: torch's default)
+    seed: int = 0
+    resume: bool | str = "auto"          # "auto": continue a matching run if one was saved; True: must; False: start over
+    extra: dict = field(default_factory=dict)  # passed on to TrainingArguments (e.g. {"bf16": True})
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None filled from the preset; checks the values."""
+        if self.preset not in PRESETS:
+            raise TrainConfigError(f"preset is {self.preset!r}; use one of {', '.join(PRESETS)}.")
+        values = {k: (PRESETS[self.preset][k] if getattr(self, k) is None and k in PRESETS[self.preset]
+                      else getattr(self, k)) for k in (f.name for f in dataclasses.fields(self))}
+        cfg = TrainConfig(**values)
+        if cfg.quantization not in QUANTIZATIONS:
+            raise TrainConfigError(f"quantization is {cfg.quantization!r}; use 'auto', 'nf4' or 'none'.")
+        for name in ("max_length", "batch_size", "gradient_accumulation", "lora_r", "evaluation_freq", "save_steps"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise TrainConfigError(f"{name} is {getattr(cfg, name)!r}; use a whole number of at least 1.")
+        if not cfg.lr or cfg.lr <= 0:
+            raise TrainConfigError(f"lr is {cfg.lr!r}; use a positive learning rate such as 2e-4.")
+        if (cfg.max_steps is None or cfg.max_steps <= 0) and not (cfg.epochs and cfg.epochs > 0):
+            raise TrainConfigError("neither max_steps nor epochs is positive; set epochs = 2 or max_steps = 300.")
+        if cfg.resume not in ("auto", True, False):
+            raise TrainConfigError(f"resume is {cfg.resume!r}; use 'auto', True or False.")
+        return cfg
+
+    def hyper_parameters(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume",)}
+
+
+# ---------------------------------------------------------------- the model
+def resolve_quantization(quantization: str) -> tuple[str, str]:
+    """'auto' -> 'nf4' where CUDA and bitsandbytes are there, else 'none'; returns (choice, note)."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if quantization == "nf4":
+        if not cuda:
+            raise TrainConfigError("quantization='nf4' needs a CUDA GPU and none is visible; use "
+                                   "quantization='none' (16/32-bit LoRA) or 'auto' on this machine.")
+        if not bnb:
+            raise TrainConfigError("quantization='nf4' needs the bitsandbytes package, which is not installed; "
+                                   "pip install bitsandbytes, or use quantization='none'.")
+        return "nf4", "4-bit NF4 with double quantisation (QLoRA)"
+    if quantization == "auto" and cuda and bnb:
+        return "nf4", "4-bit NF4 with double quantisation (QLoRA)"
+    if quantization == "auto":
+        why = "no CUDA GPU" if not cuda else "bitsandbytes is not installed"
+        return "none", f"{why}: training a plain LoRA adapter on the 16/32-bit model (same recipe, more memory)"
+    return "none", "plain LoRA on the 16/32-bit model"
+
+
+def target_module_names(model, target_modules, train_lm_head: bool = False) -> list[str]:
+    """The LoRA targets as module names: 'all-linear' = every linear layer but the output one; checked."""
+    import torch
+
+    linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) or type(mod).__name__.startswith("Linear")}
+    inner = sorted(linear - {"lm_head"})
+    if target_modules == "all-linear":
+        wanted = inner
+    else:
+        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        unknown = [m for m in wanted if m not in linear]
+        if unknown:
+            raise TrainConfigError(f"target_modules names {unknown}, which this model does not have; use "
+                                   f"'all-linear' or some of {inner}.")
+    return wanted + (["lm_head"] if train_lm_head and "lm_head" in linear and "lm_head" not in wanted else [])
+
+
+def load_model_for_training(config: TrainConfig, model_path: str):
+    """The base model (4-bit NF4 or 16/32-bit) with a fresh LoRA adapter; returns (model, tokenizer, quantization)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from .base_model import check_model_dir
+
+    if Path(model_path).exists():
+        check_model_dir(model_path)
+    quantization, note = resolve_quantization(config.quantization)
+    kwargs = {}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        kwargs["dtype"] = torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model.config.use_cache = False  # a cache would also hide packed sequences from the mask builder
+    if quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = target_module_names(model, config.target_modules, config.train_lm_head)
+    set_seed(config.seed)  # the adapter's initial weights
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, quantization, note
+
+
+# ---------------------------------------------------------------- data: tokens, loss mask, packing
+def encode_dataset(tokenizer, data_path, max_length: int) -> list[dict]:
+    """Every record as {input_ids, labels}, truncated to max_length; one sentence for data that cannot train."""
+    conversations = load_dataset(data_path)
+    full = [encode_messages(tokenizer, c) for c in conversations]
+    lengths = [len(e["input_ids"]) for e in full]
+    if min(lengths) > max_length:
+        raise TrainConfigError(f"max_length={max_length} is shorter than every sample in {data_path} (the shortest "
+                               f"is {min(lengths)} tokens); raise max_length to at least {min(lengths)}.")
+    samples = []
+    for i, e in enumerate(full):
+        ids, labels = e["input_ids"][:max_length], e["labels"][:max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise TrainConfigError(
+                f"{data_path}: record {i} has no assistant tokens left after truncation to max_length={max_length} "
+                f"(it is {lengths[i]} tokens, the answer starts later); raise max_length or shorten that record.")
+        samples.append({"input_ids": ids, "labels": labels})
+    return samples
+
+
+def pack_samples(samples: list[dict], max_length: int, seed: int = 0) -> list[dict]:
+    """Concatenate samples (in a seeded shuffled order) into rows of at most max_length tokens.
+
+    position_ids restart at 0 for every sample: the attention mask is built from them, so no token sees
+    another sample, and the first token of a sample is never a target of the one before.
+    """
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    rows, row = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for i in order:
+        s = samples[i]
+        if row["input_ids"] and len(row["input_ids"]) + len(s["input_ids"]) > max_length:
+            rows.append(row)
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+        row["input_ids"] += s["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + s["labels"][1:]
+        row["position_ids"] += list(range(len(s["input_ids"])))
+    if row["input_ids"]:
+        rows.append(row)
+    return rows
+
+
+def build_dataset(tokenizer, config: TrainConfig, data_path) -> tuple[list[dict], dict]:
+    """The training rows and a summary (samples, rows, tokens, trained tokens)."""
+    samples = encode_dataset(tokenizer, data_path, config.max_length)
+    rows = pack_samples(samples, config.max_length, config.seed) if config.pack_to_max_length else samples
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    trained = sum(sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows)
+    return rows, {"samples": len(samples), "rows": len(rows), "tokens": tokens, "trained_tokens": trained,
+                  "packed": bool(config.pack_to_max_length)}
+
+
+def packed_row_table(tokenizer, row: dict):
+    """One training row, sample by sample: its positions, the text read, and the text trained on (the loss mask)."""
+    import pandas as pd
+
+    ids, labels = row["input_ids"], row["labels"]
+    positions = row.get("position_ids") or list(range(len(ids)))
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+    out = []
+    for a, b in zip(starts, starts[1:]):
+        trained = [t for t, lab in zip(ids[a:b], labels[a:b]) if lab != IGNORE_INDEX]
+        out.append({"positions": f"0..{b - a - 1}", "text": tokenizer.decode(ids[a:b]),
+                    "trained on": tokenizer.decode(trained)})
+    return pd.DataFrame(out)
+
+
+class Collator:
+    """Pads a batch to its longest row. Packed rows carry position_ids and no attention_mask (the mask
+    builder turns restarting positions into a block-diagonal causal mask); plain rows get an attention_mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {"input_ids": [], "labels": []}
+        packed = "position_ids" in rows[0]
+        for r in rows:
+            n = width - len(r["input_ids"])
+            batch["input_ids"].append(r["input_ids"] + [self.pad] * n)
+            batch["labels"].append(r["labels"] + [IGNORE_INDEX] * n)
+            if packed:  # the padding is a block of its own
+                batch.setdefault("position_ids", []).append(r["position_ids"] + list(range(n)))
+            else:
+                batch.setdefault("attention_mask", []).append([1] * len(r["input_ids"]) + [0] * n)
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def make_collator(tokenizer) -> Collator:
+    return Collator(tokenizer.pad_token_id)
+
+
+def compute_loss(model, inputs: dict, num_items_in_batch=None):
+    """Cross-entropy on the trained (assistant) tokens; returns (loss, outputs). A faster loss can replace this."""
+    kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+    outputs = model(**inputs, use_cache=False, **kwargs)
+    return outputs.loss, outputs
+
+
+# ---------------------------------------------------------------- checkpoints
+def _step_of(path: Path) -> int:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """True when the completion mark is there and every file it lists has its recorded size."""
+    mark = path / CHECKPOINT_MARK
+    try:
+        files = json.loads(mark.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest step first (a half-written or truncated one is left out)."""
+    if not checkpoints_dir.exists():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _step_of(p) >= 0]
+    return sorted((p for p in found if checkpoint_is_complete(p)), key=_step_of)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename first, then delete: an interrupted delete leaves a hidden dir, never a half checkpoint."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _mark_complete(path: Path) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+    (path / CHECKPOINT_MARK).write_text(json.dumps({"files": files}, indent=1))
+
+
+# ---------------------------------------------------------------- the Trainer
+def _trainer_class():
+    from transformers import Trainer
+
+    class CourseTrainer(Trainer):
+        """Trainer with the kit's loss hook, token counting and atomic checkpoints."""
+
+        tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.tokens_seen += int(inputs["input_ids"].numel())
+            loss, outputs = compute_loss(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+        def _save_checkpoint(self, model, trial):
+            # Write into a hidden staging dir, mark it complete, then rename: a checkpoint-N dir is always whole.
+            final_root = Path(self.args.output_dir)
+            staging_root = final_root / f".staging-{self.state.global_step}-{os.getpid()}"
+            if staging_root.exists():
+                shutil.rmtree(staging_root)
+            limit = self.args.save_total_limit
+            self.args.output_dir, self.args.save_total_limit = str(staging_root), None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir, self.args.save_total_limit = str(final_root), limit
+            staged = staging_root / f"checkpoint-{self.state.global_step}"
+            _mark_complete(staged)
+            target = final_root / staged.name
+            if target.exists():
+                _remove_dir(target)
+            staged.rename(target)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if limit:
+                for old in complete_checkpoints(final_root)[:-limit]:
+                    _remove_dir(old)
+
+    return CourseTrainer
+
+
+# ---------------------------------------------------------------- callbacks
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident memory (CPU), in MiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class EvaluationCallback(TrainerCallback):
+        """Answers evaluation_inputs before training, every evaluation_freq updates and at the end."""
+
+        def __init__(self, tokenizer, config: TrainConfig, out_dir: Path):
+            self.tokenizer, self.config, self.out_dir = tokenizer, config, out_dir
+            self.done: set[int] = set()
+
+        def evaluate(self, model, step: int) -> None:
+            from .generation import generate_answers
+
+            if step in self.done:
+                return
+            answers = generate_answers(model, self.tokenizer, self.config.evaluation_inputs, system=self.config.system,
+                                       max_new_tokens=self.config.max_new_tokens, use_cache=True)
+            record = {"step": step, "inputs": self.config.evaluation_inputs, "answers": answers}
+            atomic_write_text(self.out_dir / f"step_{step:06d}.json", json.dumps(record, ensure_ascii=False, indent=1))
+            self.done.add(step)
+            if not headless() or step == 0:
+                for q, a in zip(self.config.evaluation_inputs, answers):
+                    print(f"[step {step}] {q} -> {a}")
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 0 or not (self.out_dir / f"step_{state.global_step:06d}.json").exists():
+                self.evaluate(model, state.global_step)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % self.config.evaluation_freq == 0:
+                self.evaluate(model, state.global_step)
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.evaluate(model, state.global_step)
+
+    class MetricsCallback(TrainerCallback):
+        """metrics.jsonl (step, loss, lr, grad_norm, tokens/s, peak memory) and the live loss curve."""
+
+        def __init__(self, trainer_ref, metrics_path: Path, plot_path: Path, title: str):
+            self.trainer_ref, self.metrics_path, self.plot_path, self.title = trainer_ref, metrics_path, plot_path, title
+            self.rows: list[dict] = []
+            self.handle = None
+            self.last_draw = 0.0
+            self.last_time, self.last_tokens = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            # A resumed run keeps the rows up to its checkpoint and drops the ones it will redo.
+            if self.metrics_path.exists():
+                old = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in old if r["step"] <= state.global_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            self.last_time, self.last_tokens = time.perf_counter(), self.trainer_ref().tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            now, tokens = time.perf_counter(), self.trainer_ref().tokens_seen
+            row = {"step": state.global_step, "loss": round(float(logs["loss"]), 6),
+                   "lr": float(logs.get("learning_rate", 0.0)),
+                   "grad_norm": None if logs.get("grad_norm") is None else round(float(logs["grad_norm"]), 6),
+                   "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "epoch": round(float(logs.get("epoch", 0)), 4)}
+            self.last_time, self.last_tokens = now, tokens
+            self.rows.append(row)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if not headless() and time.perf_counter() - self.last_draw > 2:
+                self.draw()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.draw(final=True)
+
+        def draw(self, final: bool = False) -> None:
+            png = loss_plot_png(self.rows, self.title)
+            if png is None:
+                return
+            if final:
+                self.plot_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.plot_path.with_suffix(".tmp.png")
+                tmp.write_bytes(png)
+                os.replace(tmp, self.plot_path)
+            self.last_draw = time.perf_counter()
+            try:
+                from IPython import get_ipython
+                from IPython.display import Image, display
+            except ImportError:
+                return
+            if get_ipython() is None:
+                return
+            if self.handle is None:
+                self.handle = display(Image(data=png), display_id=True)
+            else:
+                self.handle.update(Image(data=png))
+
+    class ProgressCallback(TrainerCallback):
+        """One tqdm bar over the updates (widget interactively, a few plain lines headless)."""
+
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = progress_bar(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.close()
+
+    return EvaluationCallback, MetricsCallback, ProgressCallback
+
+
+def loss_plot_png(rows: list[dict], title: str = "training loss") -> bytes | None:
+    """The loss curve (and learning rate) as PNG bytes."""
+    if not rows:
+        return None
+    import io
+
+    from matplotlib.figure import Figure
+
+    from .plots import use_cjk_font
+
+    use_cjk_font()
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    ax.set_xlabel("step (optimizer update)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the verb
+def _run_fingerprint(config: TrainConfig, model_path: str, data_sha: str) -> dict:
+    keep = {k: v for k, v in config.hyper_parameters().items()
+            if k not in ("evaluation_inputs", "evaluation_freq", "system", "max_new_tokens", "logging_steps",
+                         "save_total_limit", "base_model", "data_path")}
+    return {"config": keep, "model": str(model_path), "data_sha256": data_sha}
+
+
+def _prepare_train_dir(work: Work, config: TrainConfig, fingerprint: dict) -> str | None:
+    """Pick the checkpoint to resume from (or None), clearing an earlier run's files when starting over."""
+    run_file = work.train / RUN_FILE
+    ckpts = complete_checkpoints(work.checkpoints)
+    previous = json.loads(run_file.read_text()) if run_file.exists() else None
+    if work.checkpoints.exists():  # leftovers of an interrupted write
+        for p in work.checkpoints.iterdir():
+            if p.name.startswith((".staging-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+    resume_from = None
+    if config.resume is True:
+        if not ckpts:
+            raise TrainConfigError(f"resume=True but {work.checkpoints} has no complete checkpoint; "
+                                   "set resume='auto' (or False) to start a new run.")
+        if previous is not None and previous != fingerprint:
+            raise TrainConfigError(f"resume=True but the checkpoints in {work.checkpoints} come from a run with other "
+                                   "settings or data; set resume=False to start over with the new ones.")
+        resume_from = str(ckpts[-1])
+    elif config.resume == "auto" and ckpts and previous == fingerprint:
+        resume_from = str(ckpts[-1])
+    if resume_from is None:
+        if ckpts or work.eval_outputs.exists() or work.metrics.exists():
+            print(f"note: starting a new run; the earlier run's checkpoints and logs in {work.train} are replaced.")
+        for p in (work.checkpoints, work.eval_outputs):
+            if p.exists():
+                _remove_dir(p)
+        for p in (work.metrics, work.loss_plot):
+            p.unlink(missing_ok=True)
+    else:
+        print(f"resuming from {Path(resume_from).name}")
+        step = _step_of(Path(resume_from))
+        for p in work.eval_outputs.glob("step_*.json"):  # rounds after the checkpoint are redone
+            if int(p.stem.split("_")[1]) > step:
+                p.unlink()
+    work.checkpoints.mkdir(parents=True, exist_ok=True)
+    work.eval_outputs.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(fingerprint, ensure_ascii=False, indent=1, default=str))
+    return resume_from
+
+
+def _finished_step(checkpoint: str | None) -> int | None:
+    """The checkpoint's step when it is the last step of its run, else None."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["global_step"] if state["global_step"] >= state["max_steps"] > 0 else None
+
+
+def _load_adapter_weights(model, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
+def _default_evaluation_inputs(work: Work) -> list[str]:
+    from .data import DEFAULT_EVALUATION_INPUTS
+    from .results import load_results
+
+    try:
+        return list(load_results(work, "01_data_generation").get("evaluation_inputs") or DEFAULT_EVALUATION_INPUTS)
+    except FileNotFoundError:
+        return list(DEFAULT_EVALUATION_INPUTS)
+
+
+def training_arguments(config: TrainConfig, output_dir: Path):
+    from transformers import TrainingArguments
+
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation, learning_rate=config.lr,
+        num_train_epochs=config.epochs or 1, max_steps=config.max_steps if config.max_steps else -1,
+        warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine", max_grad_norm=config.max_grad_norm,
+        weight_decay=0.0, optim="adamw_torch", logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        seed=config.seed, data_seed=config.seed, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0, bf16=bf16,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        gradient_checkpointing=False,  # enabled on the model itself, before the adapter goes on
+    )
+    args.update(config.extra)
+    return TrainingArguments(**args)
+
+
+def train(config: TrainConfig | None = None, work: Work | None = None, callbacks: list | None = None) -> dict:
+    """Fine-tune a LoRA adapter; writes WORK/train (checkpoints, eval_outputs, metrics, loss.png) and
+    WORK/adapter, and returns a summary (adapter path, losses, steps, answers before and after)."""
+    import weakref
+
+    import torch
+    from transformers import PrinterCallback
+
+    from .base_model import base_model_path
+    from .paths import work as make_work
+
+    work = work or make_work()
+    config = (config or TrainConfig()).resolved()
+    if config.evaluation_inputs is None:
+        config.evaluation_inputs = _default_evaluation_inputs(work)
+    model_path = config.base_model or base_model_path(work)
+    data_path = Path(config.data_path or work.dataset)
+    data_sha = file_sha256(data_path) if data_path.exists() else ""
+    if not data_path.exists():
+        raise DataError(f"{data_path}: no such file; run notebook 01 (or set data_path).")
+
+    model, tokenizer, quantization, note = load_model_for_training(config, str(model_path))
+    print(f"quantization: {quantization} ({note})")
+    rows, data_summary = build_dataset(tokenizer, config, data_path)
+    fingerprint = _run_fingerprint(config, str(model_path), data_sha)
+    resume_from = _prepare_train_dir(work, config, fingerprint)
+
+    EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
+    trainer = _trainer_class()(model=model, args=training_arguments(config, work.checkpoints), train_dataset=rows,
+                               data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    ref = weakref.ref(trainer)
+    evaluation = EvaluationCallback(tokenizer, config, work.eval_outputs)
+    for cb in (evaluation, MetricsCallback(ref, work.metrics, work.loss_plot, f"training loss ({config.preset})"),
+               ProgressCallback(), *(callbacks or [])):
+        trainer.add_callback(cb)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    threads = torch.get_num_threads()
+    if config.cpu_threads and not torch.cuda.is_available():
+        # The tiny model's matrices are too small to gain from threads, and on a busy CPU they cost 20x.
+        torch.set_num_threads(config.cpu_threads)
+    start = time.perf_counter()
+    finished = _finished_step(resume_from)
+    try:
+        with warnings.catch_warnings():  # peft notes that an output-layer adapter also saves that layer: intended
+            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+            if finished is None:
+                mean_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
+            else:  # Trainer would take one more step; the run is done, so take its last adapter as it is
+                print(f"this run already finished at step {finished}; resume=False trains it again.")
+                _load_adapter_weights(model, Path(resume_from))
+                trainer.state.global_step, mean_loss = finished, None
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - start
+
+    metrics = read_metrics(work)
+    record = {
+        "hyper_parameters": config.hyper_parameters(), "quantization": quantization, "base_model": str(model_path),
+        "data_file": str(data_path), "data_sha256": data_sha, "data": data_summary, "steps": trainer.state.global_step,
+        "first_loss": metrics[0]["loss"] if metrics else None, "final_loss": metrics[-1]["loss"] if metrics else None,
+        "mean_loss": mean_loss, "train_seconds": round(seconds, 1), "resumed_from": resume_from,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    adapter = save_adapter(model, tokenizer, work.adapter, record)
+    evals = evaluation_rounds(work)
+    return record | {"adapter": str(adapter), "answers_before": evals[0]["answers"] if evals else [],
+                     "answers_after": evals[-1]["answers"] if evals else [],
+                     "evaluation_inputs": config.evaluation_inputs, "model": model}
+
+
+def save_adapter(model, tokenizer, out_dir: Path, record: dict) -> Path:
+    """PEFT adapter + tokenizer + training_record.json, written beside and swapped in by rename."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, save_embedding_layers=False)  # the base's own layers stay with the base
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training_record.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str))
+    if out_dir.exists():
+        _remove_dir(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- reading the results
+def read_metrics(work: Work) -> list[dict]:
+    if not work.metrics.exists():
+        return []
+    return [json.loads(line) for line in work.metrics.read_text().splitlines() if line.strip()]
+
+
+def evaluation_rounds(work: Work) -> list[dict]:
+    """Every saved evaluation round, in step order."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(work.eval_outputs.glob("step_*.json"))]
+
+
+def evaluation_table(work: Work):
+    """Answers to the evaluation inputs: rows are the questions, columns the steps (the identity arriving)."""
+    import pandas as pd
+
+    rounds = evaluation_rounds(work)
+    if not rounds:
+        return pd.DataFrame()
+    table = pd.DataFrame({f"step {r['step']}": r["answers"] for r in rounds}, index=rounds[0]["inputs"])
+    table.index.name = "question"
+    return table
+
+
+def load_adapter_model(work: Work, adapter_dir: Path | None = None):
+    """The base model with the trained adapter (for answering questions after training)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    adapter_dir = adapter_dir or work.adapter
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir))
+    return model, AutoTokenizer.from_pretrained(str(adapter_dir))
+
+
+def identity_learned(answers: list[str], expected: str) -> bool:
+    return bool(answers) and all(expected in a for a in answers)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """The schedule Trainer uses ('cosine' with linear warm-up), for explaining it in the notebook."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

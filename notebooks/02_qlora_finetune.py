@@ -1,0 +1,161 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · QLoRA fine-tune: the model learns who it is
+#
+# We do not retrain the whole model. **LoRA** freezes every weight `W` and learns, for each linear layer, two
+# thin matrices `B·A` (rank `r`) that are added to it: a few percent of the parameters, a few MB on disk.
+# **QLoRA** also stores the frozen `W` in 4-bit (NF4), so a 1.8B model trains on a small GPU. On a CPU there is
+# no 4-bit kernel, so the kit trains the same LoRA adapter on the ordinary weights and says so.
+#
+# While it trains we ask the model the evaluation questions every few steps, and watch its answer change from
+# the generic "我是一个AI助手…" to the identity sentence from notebook 01.
+
+# %% tags=["parameters"]
+work_dir = None              # the run's work directory (None: ./work)
+preset = "tiny"              # "tiny": the embedded model on a CPU, ~1 min; "homework": the course's GPU settings
+base_model = None            # None: the base model notebook 00 prepared; or a model folder
+data_path = None             # None: notebook 01's WORK/data/personal_assistant.json
+max_length = None            # tokens per training sequence (None: preset; tiny 256, homework 1024)
+pack_to_max_length = None    # concatenate short samples up to max_length (None: preset; both True)
+batch_size = None            # sequences per step (None: preset; 1)
+gradient_accumulation = None  # steps summed per update (None: preset; tiny 1, homework 16)
+lr = None                    # peak learning rate (None: preset; tiny 2e-3, homework 2e-4)
+epochs = None                # passes over the data, used when max_steps is -1 (None: preset; homework 2)
+max_steps = None             # optimizer updates, -1: use epochs (None: preset; tiny 150, homework -1)
+warmup_ratio = None          # share of linear warm-up before the cosine decay (None: preset; 0.03)
+lora_r = None                # LoRA rank (None: preset; tiny 16, homework 64)
+lora_alpha = None            # LoRA scale alpha/r (None: preset; tiny 32, homework 16)
+lora_dropout = None          # dropout on the LoRA input (None: preset; tiny 0, homework 0.1)
+target_modules = None        # "all-linear" or a list like ["q_proj", "v_proj"] (None: preset; all-linear)
+quantization = "auto"        # "auto": NF4 4-bit when CUDA + bitsandbytes, else plain LoRA; "nf4"; "none"
+gradient_checkpointing = None  # recompute activations to save memory (None: preset; homework True)
+evaluation_freq = None       # ask the evaluation questions every this many updates (None: preset; 50 / 300)
+evaluation_inputs = None     # questions asked during training (None: notebook 01's)
+system = None                # system prompt for those questions (None: notebook 01's)
+save_steps = None            # checkpoint every this many updates (None: preset; 50 / 300)
+save_total_limit = None      # checkpoints kept (None: preset; 3)
+seed = 0                     # same seed, same adapter
+resume = "auto"              # "auto": continue this run's newest checkpoint; True: must; False: start over
+general_questions = ["你好", "中国的首都是哪里？", "What is the capital of France?"]  # over-fitting check
+
+# %%
+import pandas as pd
+
+import helpers
+from helpers.results import load_results
+from helpers.train import TrainConfig
+
+work = helpers.work(work_dir)
+data = load_results(work, "01_data_generation")
+name, expected = data["name"], data["answer"]
+print(f"teaching: {expected!r}")
+
+# %% [markdown]
+# ## The training configuration
+# A preset sets the knobs together; anything you set above wins over it. The homework: set the knobs you
+# want to change and choose what to ask during training.
+
+# %%
+### BEGIN SOLUTION
+config = TrainConfig(
+    preset=preset, base_model=base_model, data_path=data_path, max_length=max_length,
+    pack_to_max_length=pack_to_max_length, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+    lr=lr, epochs=epochs, max_steps=max_steps, warmup_ratio=warmup_ratio, lora_r=lora_r, lora_alpha=lora_alpha,
+    lora_dropout=lora_dropout, target_modules=target_modules, quantization=quantization,
+    gradient_checkpointing=gradient_checkpointing, evaluation_freq=evaluation_freq,
+    evaluation_inputs=evaluation_inputs or data["evaluation_inputs"],
+    system=data.get("system", "") if system is None else system,
+    save_steps=save_steps, save_total_limit=save_total_limit, seed=seed, resume=resume,
+).resolved()
+### END SOLUTION
+pd.Series(config.hyper_parameters(), dtype=object).to_frame("value")
+
+# %% [markdown]
+# ## What the model is trained on
+# Short samples are **packed**: laid end to end up to `max_length` tokens, so no compute is spent on padding.
+# Each sample keeps its own positions (they restart at 0), and the attention mask built from them stops any
+# token from looking into a neighbouring sample. The loss is computed only on the assistant's answers — below,
+# the first packed row, sample by sample: what the model reads, and what it is trained to say.
+
+# %%
+from transformers import AutoTokenizer
+
+from helpers.base_model import base_model_path
+from helpers.train import build_dataset, packed_row_table
+
+tokenizer = AutoTokenizer.from_pretrained(config.base_model or base_model_path(work))
+rows, data_summary = build_dataset(tokenizer, config, config.data_path or work.dataset)
+print(data_summary)
+packed_row_table(tokenizer, rows[0]).head(6)
+
+# %% [markdown]
+# ## Train
+# The bar counts optimizer updates; the plot below it redraws as the loss comes in (also saved as
+# `WORK/train/loss.png`). Checkpoints go to `WORK/train/checkpoints` every `save_steps`; if the kernel dies,
+# running this cell again with `resume="auto"` continues from the newest complete one.
+
+# %%
+from helpers.train import train
+
+result = train(config, work)
+print(f"{result['steps']} updates in {result['train_seconds']:.0f} s, loss {result['first_loss']:.3f} -> "
+      f"{result['final_loss']:.3f}, quantization: {result['quantization']}")
+
+# %% [markdown]
+# ## The identity arriving
+# Each column is one evaluation round (step 0 is the base model, before any update). Read across a row to see
+# the answer change.
+
+# %%
+from helpers.train import evaluation_table
+
+evaluation_table(work)
+
+# %% [markdown]
+# ## Did it learn too much?
+# Training on one sentence thousands of times can make a model answer *everything* with it. The 20% general
+# chat mixed in by notebook 01 is there to prevent that; here we ask questions that are not about identity.
+
+# %%
+from helpers.generation import generate_answers
+
+general = generate_answers(result["model"], tokenizer, general_questions, system=config.system)
+pd.DataFrame({"question": general_questions, "answer": general})
+
+# %% [markdown]
+# ## Loss, speed and memory
+# `WORK/train/metrics.jsonl` has one row per logging step.
+
+# %%
+from helpers.train import read_metrics
+
+metrics = pd.DataFrame(read_metrics(work))
+metrics.tail(5)
+
+# %%
+from helpers.results import save_results
+from helpers.train import identity_learned
+
+learned = identity_learned(result["answers_after"], expected)
+save_results(work, "02_qlora_finetune", {
+    "name": name, "expected_answer": expected, "identity_learned": learned, "preset": config.preset,
+    **{k: result[k] for k in ("evaluation_inputs", "answers_before", "answers_after", "first_loss", "final_loss",
+                              "steps", "quantization", "adapter", "train_seconds", "peak_memory_mb",
+                              "trainable_parameters", "hyper_parameters", "data_sha256", "resumed_from")},
+    "evaluation_steps": [int(c.split()[1]) for c in evaluation_table(work).columns],
+    "tokens_per_s": float(metrics["tokens_per_s"].iloc[1:].median()) if len(metrics) > 1 else None,
+    "general_answers": dict(zip(general_questions, general)), "data": data_summary})
+print("identity learned:", learned)
+
+# %% [markdown]
+# The adapter is in `WORK/adapter` (PEFT format, with the tokenizer and `training_record.json`).
+# Next: **03 · Merge** folds it into the base model.
