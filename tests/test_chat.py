@@ -163,3 +163,25 @@ def test_overfitting_check_flags_identity_everywhere():
     assert verdict["identity_on_general"] == 1 and verdict["overfitted"] is False
     table.loc[2, "after"] = IDENTITY
     assert overfitting_check(table, IDENTITY)["overfitted"] is True
+
+
+def test_cli_prints_the_answer_piece_by_piece(final_chat):
+    import io
+
+    from helpers.chat import ChatSession, run_cli
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+    out = Recorder()
+    assert run_cli(ChatSession(*final_chat), stdin=io.StringIO("你是谁\n"), stdout=out) == 0
+    start = out.writes.index("助手 >>> ")
+    answer_writes = [w for w in out.writes[start + 1:out.writes.index("\n", start)] if w]
+    assert len(answer_writes) > 1  # streamed, not printed at the end in one go
+    assert "".join(answer_writes).strip() == ChatSession(*final_chat).ask("你是谁")
