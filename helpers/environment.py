@@ -44,6 +44,9 @@ def environment(work_dir) -> dict:
         "qlora_4bit_note": why4,
         "free_disk_gib": round(shutil.disk_usage(work_dir).free / 2**30, 1),
     }
+    from .fast_path import fast_paths
+
+    facts["fast_paths"] = fast_paths()
     facts["recommended_preset"], facts["recommendation"] = recommend_preset(facts)
     return facts
 

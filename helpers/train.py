@@ -126,6 +126,11 @@ def resolve_quantization(quantization: str) -> tuple[str, str]:
             raise TrainConfigError("quantization='nf4' needs the bitsandbytes package, which is not installed; "
                                    "pip install bitsandbytes, or use quantization='none'.")
         return "nf4", "4-bit NF4 with double quantisation (QLoRA)"
+    if quantization == "auto" and cuda:
+        from .fast_path import make_plan
+
+        if make_plan().precision in ("bf16", "fp16"):  # a big GPU: 16-bit LoRA is faster and still fits
+            return "none", "a GPU with plenty of memory: LoRA on the 16-bit model (the fast path picks this)"
     if quantization == "auto" and cuda and bnb:
         return "nf4", "4-bit NF4 with double quantisation (QLoRA)"
     if quantization == "auto":
@@ -292,6 +297,10 @@ def make_collator(tokenizer) -> Collator:
 
 def compute_loss(model, inputs: dict, num_items_in_batch=None):
     """Cross-entropy on the trained (assistant) tokens; returns (loss, outputs). A faster loss can replace this."""
+    if "position_ids" in inputs and inputs["input_ids"].is_cuda:  # packed rows on a GPU: the kit's fast path
+        from .fast_path import packed_trainer_loss
+
+        return packed_trainer_loss(model, inputs, num_items_in_batch), None
     kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
     outputs = model(**inputs, use_cache=False, **kwargs)
     return outputs.loss, outputs

@@ -122,3 +122,18 @@ def test_flops_count_matches_the_1_8b_shape():
     # 24 layers x 62.9M + head 189.5M matmul weights = 1.6995B; 4N = 6.80 GFLOP per token before attention
     assert fp.flops_per_token(cfg, 0) == pytest.approx(4 * 1_699_479_552, rel=1e-9)
     assert fp.mean_causal_context([3]) == pytest.approx(2.0)
+
+
+def test_trainer_batch_becomes_the_same_packed_loss():
+    """helpers.train's packed rows (position_ids) give the same loss through the fast path as HF's own."""
+    model = _tiny_llama()
+    samples = _samples(6, seed=9)
+    ids = [t for s in samples for t in s["input_ids"]]
+    labels = [t for s in samples for t in s["labels"]]
+    pos = [p for s in samples for p in range(len(s["input_ids"]))]
+    inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+    n = sum(1 for s in samples for lab in s["labels"][1:] if lab != -100)
+    with torch.no_grad():
+        fast = float(fp.packed_trainer_loss(model, inputs, n))
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+    assert fast == pytest.approx(float(_plain_loss(model, samples)), rel=1e-4)
