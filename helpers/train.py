@@ -101,6 +101,9 @@ class TrainConfig:
             raise TrainConfigError(f"lr is {cfg.lr!r}; use a positive learning rate such as 2e-4.")
         if (cfg.max_steps is None or cfg.max_steps <= 0) and not (cfg.epochs and cfg.epochs > 0):
             raise TrainConfigError("neither max_steps nor epochs is positive; set epochs = 2 or max_steps = 300.")
+        words = {"true": True, "yes": True, "false": False, "no": False, "none": False}
+        if isinstance(cfg.resume, str) and cfg.resume.lower() in words:  # papermill -p resume false
+            cfg.resume = words[cfg.resume.lower()]
         if cfg.resume not in ("auto", True, False):
             raise TrainConfigError(f"resume is {cfg.resume!r}; use 'auto', True or False.")
         return cfg
@@ -186,7 +189,8 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask builder
     if quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -667,7 +671,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     trainer.remove_callback(PrinterCallback)
     ref = weakref.ref(trainer)
     evaluation = EvaluationCallback(tokenizer, config, work.eval_outputs)
-    for cb in (evaluation, MetricsCallback(ref, work.metrics, work.loss_plot, f"training loss ({config.preset})"),
+    for cb in (evaluation, MetricsCallback(ref, work.metrics, work.loss_plot, f"训练损失 training loss ({config.preset})"),
                ProgressCallback(), *(callbacks or [])):
         trainer.add_callback(cb)
     if torch.cuda.is_available():

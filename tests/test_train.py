@@ -131,6 +131,9 @@ def test_bad_preset_and_quantization():
         TrainConfig(preset="big").resolved()
     with pytest.raises(TrainConfigError, match="quantization is 'int8'"):
         TrainConfig(quantization="int8").resolved()
+    with pytest.raises(TrainConfigError, match="resume is 'maybe'"):
+        TrainConfig(resume="maybe").resolved()
+    assert TrainConfig(resume="false").resolved().resume is False
 
 
 def test_explicit_values_override_the_preset():
@@ -217,6 +220,19 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
         train(TrainConfig(**(kw | {"max_steps": 14, "resume": True})), broken)
     again = train(TrainConfig(**(kw | {"max_steps": 14})), broken)
     assert again["resumed_from"] is None and again["steps"] == 14
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path):
+    adapters = []
+    for flag in (False, True):
+        w = make_work(tmp_path / f"gc-{flag}")
+        make_dataset(w.dataset, repeats=20)
+        train(TrainConfig(**(_kill_resume_config(tiny_model_dir) | {"max_steps": 3, "gradient_checkpointing": flag,
+                                                                     "lora_dropout": 0.0})), w)
+        adapters.append(_adapter_weights(w))
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[0][k], adapters[1][k], atol=1e-5, rtol=1e-4)
+    assert any(v.abs().sum() > 0 for k, v in adapters[0].items() if "lora_B" in k)  # it did train
 
 
 def test_checkpoint_mark_lists_every_file(tiny_model_dir, tmp_path):
