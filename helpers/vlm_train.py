@@ -22,7 +22,7 @@ from .vlm_data import IMAGE_TOKEN, load_llava_data
 # Per-stage defaults on top of TrainConfig's "tiny" preset (CPU, embedded models) and "homework" preset (GPU).
 STAGE_DEFAULTS = {
     ("tiny", 1): dict(lr=1e-2, max_steps=30, batch_size=4, evaluation_freq=15, max_length=512, logging_steps=5),
-    ("tiny", 2): dict(lr=5e-3, max_steps=60, batch_size=4, evaluation_freq=20, max_length=512, logging_steps=5,
+    ("tiny", 2): dict(lr=1e-2, max_steps=80, batch_size=4, evaluation_freq=20, max_length=512, logging_steps=5,
                       lora_r=16, lora_alpha=32, lora_dropout=0.0),
     ("homework", 1): dict(lr=1e-3, epochs=1, max_steps=-1, batch_size=8, gradient_accumulation=4, max_length=1024),
     ("homework", 2): dict(lr=2e-4, epochs=1, max_steps=-1, batch_size=1, gradient_accumulation=16, max_length=1024,
@@ -51,6 +51,7 @@ def stage_config(stage: int, preset: str = "tiny", **overrides) -> TrainConfig:
 # ---------------------------------------------------------------- data
 def image_token_count(processor, image) -> int:
     """How many <image> placeholders the processor puts in for one picture (one per projected patch)."""
+    image = open_image(image) if isinstance(image, (str, os.PathLike)) else image
     enc = processor(images=image, text=IMAGE_TOKEN, add_special_tokens=False)
     return sum(int(t == processor.image_token_id) for t in enc["input_ids"][0])
 

@@ -47,7 +47,8 @@ import helpers
 from helpers.progress import quiet_libraries
 from helpers.results import save_results
 from helpers.vlm import answer_about_image, load_vlm, prepare_vlm
-from helpers.vlm_data import CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, make_llava_data, scripted_qa
+from helpers.vlm_data import (CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, make_llava_data, scripted_qa,
+                              validate_llava_data)
 from helpers import vlm_train as vt
 
 quiet_libraries()
@@ -71,11 +72,12 @@ display(Image(filename=str(picture), width=256))
 # Bad records are reported with one sentence (also: `python -m helpers validate-data --llava FILE`).
 
 # %%
+# NBVAL_CHECK_OUTPUT
 files = make_llava_data(work.vlm_data, picture, conversations_file or CONVERSATIONS_FILE,
                         captions_file or CAPTIONS_FILE, repeats=repeats)
 qa = scripted_qa(conversations_file or CONVERSATIONS_FILE)
 questions, expected = list(qa), list(qa.values())
-summary = {name: vt.validate_llava_data(files[name]) for name in ("captions", "conversations")}
+summary = {name: validate_llava_data(files[name]) for name in ("captions", "conversations")}
 {name: {k: s[k] for k in ("records", "turns", "images")} for name, s in summary.items()}
 
 # %% [markdown]
