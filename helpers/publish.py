@@ -96,7 +96,7 @@ def card_facts(work: Work) -> dict:
         "evaluation_inputs": data.get("evaluation_inputs") or [],
         "data_rows": data_rows,
         "hyper_rows": _scalars(hyper) if hyper else _scalars({k: v for k, v in train.items() if "loss" not in k}),
-        "loss_rows": _scalars({k: v for k, v in train.items() if "loss" in k}),
+        "loss_rows": [{"metric": k, "value": v} for k, v in train.items() if "loss" in k and isinstance(v, (int, float))],
         "eval_rows": _eval_rows(train),
         "before_after_rows": _first_table(chat, ("before_after", "table", "rows", "comparison")),
         "has_loss_plot": work.loss_plot.exists(),
@@ -129,13 +129,14 @@ def model_card(work: Work, model_name: str, license: str = "apache-2.0", base_mo
     from huggingface_hub import ModelCard, ModelCardData
 
     facts = card_facts(work)
-    data = ModelCardData(license=license, base_model=base_model or _base_model_id(facts["base_model"]),
+    base_model = base_model or _base_model_id(facts["base_model"])
+    data = ModelCardData(license=license, base_model=base_model,
                          library_name="transformers", pipeline_tag="text-generation", language=list(language),
                          tags=["qlora", "lora", "peft", "self-cognition", "chat", *extra_tags], model_name=model_name)
     tables = {k: markdown_table(facts[k]) for k in ("data_rows", "hyper_rows", "loss_rows", "eval_rows",
                                                     "before_after_rows")}
     card = ModelCard.from_template(data, template_path=str(TEMPLATES / "model_card.md"), model_name=model_name,
-                                   facts=facts, tables=tables, repo_url=_safe_url(repo_url) if repo_url else None)
+                                   base_model=base_model, facts=facts, tables=tables, repo_url=_safe_url(repo_url) if repo_url else None)
     return re.sub(r"\n{3,}", "\n\n", str(card))
 
 

@@ -95,7 +95,7 @@ def test_model_repo_holds_the_model_card_and_lfs_rules(final_work):
     card = (repo / "README.md").read_text(encoding="utf-8")
     for expected in ("| learning_rate | 0.0002 |", "| lora_r | 64 |", "| final_loss | 0.02 |", "![Training loss](loss.png)",
                      "| 你是谁 | 我是一个AI助手 | 我是小明的小助手 |", "| records | 2500 |", "AutoModelForCausalLM",
-                     "## Limitations", "git clone https://hub.example/u/m.git"):
+                     "## Limitations", "git clone https://hub.example/u/m.git", "- Base model: `course-kit/tiny-chat`"):
         assert expected in card, expected
     attributes = (repo / ".gitattributes").read_text()
     for pattern in ("*.safetensors", "*.bin", "*.model", "tokenizer.json", "*.png"):
