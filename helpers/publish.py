@@ -33,6 +33,10 @@ MODEL_DIR_SKIP = {".git", ".cache", "course_model.json"}
 APP_REQUIREMENTS = ["streamlit", "transformers", "tokenizers", "torch", "safetensors", "accelerate", "sentencepiece"]
 
 
+# A deployed app never edits its own source, and watching it walks every imported module (slow, noisy).
+STREAMLIT_CONFIG = '[server]\nfileWatcherType = "none"\nheadless = true\n\n[browser]\ngatherUsageStats = false\n'
+
+
 class PublishError(RuntimeError):
     """Publishing failed; the message says what went wrong and how to fix it."""
 
@@ -580,6 +584,8 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
         (tmp / "requirements.txt").write_text("\n".join(_pinned(APP_REQUIREMENTS)) + "\n", encoding="utf-8")
         (tmp / "packages.txt").write_text("git\ngit-lfs\n", encoding="utf-8")
         (tmp / ".gitignore").write_text("model_cache/\n__pycache__/\n", encoding="utf-8")
+        (tmp / ".streamlit").mkdir()
+        (tmp / ".streamlit" / "config.toml").write_text(STREAMLIT_CONFIG, encoding="utf-8")
         readme = Template((TEMPLATES / "app_README.md").read_text(encoding="utf-8"))
         from importlib.metadata import version
 

@@ -55,7 +55,8 @@ def deploy_copy(app_dir: Path, dest: Path) -> Path:
 def test_bundle_files(pushed):
     w, url, _ = pushed
     app = w.app
-    assert sorted(p.name for p in app.iterdir()) == [".gitignore", "README.md", "app.py", "app_config.json",
+    assert (app / ".streamlit" / "config.toml").read_text().startswith("[server]")
+    assert sorted(p.name for p in app.iterdir()) == [".gitignore", ".streamlit", "README.md", "app.py", "app_config.json",
                                                      "chat_app.py", "fetch_model.py", "packages.txt", "requirements.txt"]
     assert (app / "chat_app.py").read_bytes() == publish.WEB_APP.read_bytes()
     assert (app / "packages.txt").read_text().split() == ["git", "git-lfs"]
@@ -193,13 +194,14 @@ def deployed_server(course_work, tmp_path):
     app = deploy_copy(course_work.app, tmp_path / "deployed")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_")}
+    log = (tmp_path / "streamlit.log").open("w")  # a file, not a pipe nobody drains (a full pipe stalls the server)
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false"],
-                              cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
-            assert server.poll() is None, f"streamlit exited: {server.stdout.read()}"
+            assert server.poll() is None, f"streamlit exited: {(tmp_path / 'streamlit.log').read_text()}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
                     if r.read().strip() == b"ok":
@@ -214,6 +216,7 @@ def deployed_server(course_work, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        log.close()
 
 
 def test_deployed_app_in_a_real_browser(deployed_server, artifacts_dir):
