@@ -77,9 +77,7 @@ print((repo / ".gitattributes").read_text())
 # by running the cell again.
 
 # %%
-### BEGIN SOLUTION
 target_url = remote_url or default_remote(work)  # the publish target
-### END SOLUTION
 token = hub_token(target_url)
 push = push_model_repo(work, target_url, token=token, branch=branch)
 print(f"pushed commit {push.commit} to {push.remote} ({push.branch})")
