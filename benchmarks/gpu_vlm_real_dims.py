@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlavaForConditionalGeneration
 
-    from helpers.vlm_train import FULLY_TRAINED, PROJECTOR, lora_target_pattern, trainable_summary
+    from helpers.vlm_train import FULLY_TRAINED, NOT_QUANTIZED, lora_target_pattern, trainable_summary
 
     dims = SMALL if args.small else REAL
     steps = args.steps or (3 if args.small else 8)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"])
+                bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=NOT_QUANTIZED)
             kwargs["device_map"] = {"": 0}
         if cuda:
             torch.cuda.reset_peak_memory_stats()

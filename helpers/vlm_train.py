@@ -34,6 +34,8 @@ PROJECTOR = "multi_modal_projector"
 PROJECTOR_FILE = "projector.safetensors"
 # Trained in full in stage 2 besides the LoRA layers. The tiny LLM never produced the picture's words, and
 # its 64-wide LoRA cannot reach them through a frozen output layer, so there the output layer learns too.
+# Kept in 16-bit when the LLM goes 4-bit (transformers matches these as name prefixes).
+NOT_QUANTIZED = ["model.vision_tower", f"model.{PROJECTOR}", "lm_head"]
 FULLY_TRAINED = {"tiny": [PROJECTOR, "lm_head"], "homework": [PROJECTOR]}
 
 
@@ -123,7 +125,7 @@ def load_stage_model(model_dir, stage: int, config: TrainConfig, vision_lora: bo
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=kwargs["dtype"],
-                llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"])  # only the LLM goes 4-bit
+                llm_int8_skip_modules=NOT_QUANTIZED)  # only the LLM goes 4-bit
     model, processor = load_vlm(model_dir, **kwargs)
     if torch.cuda.is_available() and "quantization_config" not in kwargs:
         model.to("cuda")
