@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -671,8 +670,8 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     trainer.remove_callback(PrinterCallback)
     ref = weakref.ref(trainer)
     evaluation = EvaluationCallback(tokenizer, config, work.eval_outputs)
-    for cb in (evaluation, MetricsCallback(ref, work.metrics, work.loss_plot, f"训练损失 training loss ({config.preset})"),
-               ProgressCallback(), *(callbacks or [])):
+    metrics_cb = MetricsCallback(ref, work.metrics, work.loss_plot, f"训练损失 training loss ({config.preset})")
+    for cb in (evaluation, metrics_cb, ProgressCallback(), *(callbacks or [])):
         trainer.add_callback(cb)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -763,9 +762,3 @@ def load_adapter_model(work: Work, adapter_dir: Path | None = None):
 def identity_learned(answers: list[str], expected: str) -> bool:
     return bool(answers) and all(expected in a for a in answers)
 
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """The schedule Trainer uses ('cosine' with linear warm-up), for explaining it in the notebook."""
-    if step < warmup:
-        return peak * step / max(1, warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
