@@ -690,6 +690,8 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
                 print(f"this run already finished at step {finished}; resume=False trains it again.")
                 _load_adapter_weights(model, Path(resume_from))
                 trainer.state.global_step, mean_loss = finished, None
+                metrics_cb.rows = read_metrics(work)
+                metrics_cb.draw(final=True)
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
