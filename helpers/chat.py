@@ -91,10 +91,13 @@ class ChatSession:
 
 # --- the terminal chat --------------------------------------------------------------------------
 
-def run_cli(session: ChatSession, stdin=None, stdout=None) -> int:
-    """Read a line, stream the answer; RESET starts over, EXIT (or end of input) quits."""
+def run_cli(session, stdin=None, stdout=None, about: str = "") -> int:
+    """Read a line, stream the answer; RESET starts over, EXIT (or end of input) quits.
+
+    `session` is anything with `send(text)` yielding the reply's pieces, `history` and `reset()`
+    (a ChatSession, or the picture chat's VlmChat)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    print(f"Chat started. Type {RESET} to clear the history, {EXIT} to quit.", file=stdout, flush=True)
+    print(f"Chat{about} started. Type {RESET} to clear the history, {EXIT} to quit.", file=stdout, flush=True)
     while True:
         print("\n用户 >>> ", end="", file=stdout, flush=True)
         line = stdin.readline()

@@ -289,7 +289,6 @@ class FusedLinearCrossEntropy:
 
 def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: float | None = None):
     """Mean CE over the batch's trained positions (or sum / normalizer), without full-vocabulary logits."""
-    import torch
 
     lm = causal_lm(model)
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model

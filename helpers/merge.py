@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base_model import ModelPathError, check_model_dir
+from .base_model import check_model_dir
 from .template import stop_token_ids
 
 # Sample prompts whose logits must agree between base+adapter and the merged model.

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .base_model import ModelPathError, check_model_dir
-from .data import atomic_write_text, file_sha256
+from .data import file_sha256
 from .paths import Work
 
 TOKEN_ENV = "COURSE_HUB_TOKEN"  # the hub access token is read from here (or asked for, hidden)

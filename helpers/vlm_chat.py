@@ -11,7 +11,6 @@ from .template import TemplateError, stop_token_ids
 from .vlm import VlmError, image_prompt, load_vlm, open_image
 from .vlm_data import IMAGE_TOKEN
 
-RESET, EXIT = "RESET", "EXIT"  # the same commands as the text chat
 
 
 class VlmChat:
@@ -45,6 +44,38 @@ class VlmChat:
                          {"role": "assistant", "content": answer}]
         return answer
 
+    def send(self, question: str):
+        """Yield the answer's pieces as they are generated (what the terminal chat streams)."""
+        import queue
+        import threading
+
+        pieces: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        class _Pieces:  # a file-like sink that hands each printed piece to the caller's thread
+            def write(self, text):
+                if text:
+                    pieces.put(text)
+
+            def flush(self):
+                pass
+
+        def work():
+            try:
+                self.ask(question, out=_Pieces())
+            except Exception as e:  # re-raised in the caller's thread
+                outcome["error"] = e
+            finally:
+                pieces.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (piece := pieces.get()) is not None:
+            yield piece
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+
     def reset(self) -> None:
         self.history = []
 
@@ -59,20 +90,6 @@ def run_cli(model_dir, image, system: str = "", stdin=None, stdout=None, max_new
     except (VlmError, ModelPathError, TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Chat about the picture started. Type {RESET} to clear the history, {EXIT} to quit.", file=stdout, flush=True)
-    while True:
-        print("\n用户 >>> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line or line.strip() == EXIT:
-            print("\nbye", file=stdout, flush=True)
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text == RESET:
-            chat.reset()
-            print("(history cleared; the picture stays)", file=stdout, flush=True)
-            continue
-        print("助手 >>> ", end="", file=stdout, flush=True)
-        chat.ask(text, out=stdout)
-        print(file=stdout, flush=True)
+    from .chat import run_cli as chat_loop  # the one terminal loop, shared with the text chat
+
+    return chat_loop(chat, stdin, stdout, about=" about the picture")

@@ -41,3 +41,102 @@ def tiny_model_dir():
 def artifacts_dir():
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# ---------------------------------------------------------------- a real browser against a Streamlit app
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def streamlit_server(tmp_path):
+    """start(args, cwd=None, env=None) runs `python -m *args` ("{port}" in args is filled in with a free port),
+    waits until the Streamlit server is healthy and returns its URL; the server is stopped after the test."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    servers = []
+
+    def start(command: list[str], cwd=None, env=None) -> str:
+        port = _free_port()
+        log = (tmp_path / f"streamlit-{port}.log").open("w")  # a file, not a pipe nobody drains (a full pipe stalls it)
+        args = [a.replace("{port}", str(port)) for a in command]
+        server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        servers.append((server, log))
+        for _ in range(600):
+            assert server.poll() is None, f"streamlit exited: {Path(log.name).read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        return f"http://127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"streamlit did not become healthy: {Path(log.name).read_text()}")
+
+    yield start
+    for server, log in servers:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def browser():
+    """Debian's Chromium, headless, driven by selenium through Debian's chromedriver."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "install chromium and chromium-driver (.ci/run does)"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def chat_in_browser(browser, artifacts_dir):
+    """ask(url, question, expected, screenshot) types into the chat app's box and waits for the streamed answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def messages(driver):
+        return [m.text for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")]
+
+    def ask(url: str, question: str, expected: str, screenshot: str) -> list[str]:
+        browser.get(url)
+        wait = WebDriverWait(browser, 600, poll_frequency=0.2)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
+        box.send_keys(question)
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: len(messages(d)) == 2 and expected in messages(d)[1])
+        shot = artifacts_dir / screenshot
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        return messages(browser)
+
+    return ask

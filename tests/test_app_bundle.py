@@ -7,12 +7,8 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,7 +19,6 @@ from helpers import publish
 from helpers.paths import work as make_work
 
 IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture
@@ -183,74 +178,10 @@ def test_course_app_answers_the_identity_question(course_work, tmp_path, monkeyp
     assert pushed_commit[:12] in at.caption[-1].value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def deployed_server(course_work, tmp_path):
+def test_deployed_app_in_a_real_browser(course_work, tmp_path, streamlit_server, chat_in_browser):
     app = deploy_copy(course_work.app, tmp_path / "deployed")
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_")}
-    log = (tmp_path / "streamlit.log").open("w")  # a file, not a pipe nobody drains (a full pipe stalls the server)
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false"],
-                              cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(600):
-            assert server.poll() is None, f"streamlit exited: {(tmp_path / 'streamlit.log').read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-
-
-def test_deployed_app_in_a_real_browser(deployed_server, artifacts_dir):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    url, app = deployed_server
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "install chromium and chromium-driver (.ci/run does)"
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.get(url)
-        wait = WebDriverWait(driver, 600, poll_frequency=0.2)
-        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
-        assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start
-        box.send_keys("请你介绍一下你自己")
-        box.send_keys(Keys.ENTER)
-
-        def messages(d):
-            return [m.text for m in d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")]
-
-        wait.until(lambda d: len(messages(d)) == 2 and IDENTITY in messages(d)[1])
-        artifacts_dir.mkdir(exist_ok=True)
-        shot = artifacts_dir / "app_bundle_chat.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    url = streamlit_server(["streamlit", "run", "app.py", "--server.headless", "true", "--server.port", "{port}",
+                            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"], cwd=app, env=env)
+    assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start
+    chat_in_browser(url, "请你介绍一下你自己", IDENTITY, "app_bundle_chat.png")

@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import ast
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 
 import helpers.web_app as web_app_module
 
 IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
 WEB_APP = Path(web_app_module.__file__)
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def test_web_app_is_self_contained():
@@ -74,79 +67,10 @@ def test_web_command_refuses_a_bad_model_dir(tmp_path):
     assert result.returncode == 2 and "no such directory" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(server: subprocess.Popen, port: int, attempts: int = 600) -> None:
-    for _ in range(attempts):
-        assert server.poll() is None, f"streamlit exited with {server.returncode}: {server.stdout.read()}"
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("streamlit did not become healthy")
-
-
-@pytest.fixture
-def web_server(course_work):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "helpers", "web", str(course_work.final_model), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_healthy(server, port)
-        yield f"http://localhost:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-@pytest.fixture
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "install chromium and chromium-driver (.ci/run does)"
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def test_chat_in_a_real_browser(web_server, browser, artifacts_dir):
+def test_chat_in_a_real_browser(course_work, streamlit_server, browser, chat_in_browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(web_server)
-    wait = WebDriverWait(browser, 300, poll_frequency=0.2)
-    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']"))
+    url = streamlit_server(["helpers", "web", str(course_work.final_model), "--port", "{port}"])
+    shown = chat_in_browser(url, "你是谁", IDENTITY, "web_chat.png")
+    assert "你是谁" in shown[0]
     assert "chat demo" in browser.title or "chat demo" in browser.find_element(By.TAG_NAME, "h1").text
-    box.send_keys("你是谁")
-    box.send_keys(Keys.ENTER)
-
-    def messages(driver):
-        return [m.text for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")]
-
-    wait.until(lambda d: len(messages(d)) == 2 and IDENTITY in messages(d)[1])
-    assert "你是谁" in messages(browser)[0]
-    artifacts_dir.mkdir(exist_ok=True)
-    shot = artifacts_dir / "web_chat.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
