@@ -183,5 +183,6 @@ def test_deployed_app_in_a_real_browser(course_work, tmp_path, streamlit_server,
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_")}
     url = streamlit_server(["streamlit", "run", "app.py", "--server.headless", "true", "--server.port", "{port}",
                             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"], cwd=app, env=env)
-    assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start
+    assert not (app / "model_cache").exists()  # nothing fetched before the first visit
     chat_in_browser(url, "请你介绍一下你自己", IDENTITY, "app_bundle_chat.png")
+    assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start

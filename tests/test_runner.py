@@ -1,4 +1,5 @@
 """The headless runner: parameters reach the notebooks, failures name notebook and cell."""
+import ast
 import json
 import subprocess
 import sys
@@ -23,7 +24,9 @@ def test_run_00_01_with_a_unicode_name(tmp_path):
     assert json.loads((tmp_path / "results" / "01_data_generation.json").read_text())["name"] == NAME
     executed = nbformat.read(tmp_path / "executed" / "01_data_generation.ipynb", 4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and NAME in injected[0].source
+    assert injected
+    assigned = {t.targets[0].id: ast.literal_eval(t.value) for t in ast.parse(injected[0].source).body}
+    assert assigned["name"] == NAME and assigned["repeats"] == 40
     # headless output stays readable: no widget outputs from progress bars
     for nb in (tmp_path / "executed").glob("*.ipynb"):
         for cell in nbformat.read(nb, 4).cells:
