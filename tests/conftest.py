@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # screenshots kept by browser tests
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's work dirs after a green run; keep them to inspect after a red one."""
+    if exitstatus == 0:
+        import shutil
+
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    else:
+        print(f"\nwork dirs of this test session kept for inspection: {_SESSION_DIR}")
+
+
 @pytest.fixture(scope="session")
 def course_work():
     """A work dir after `python -m helpers run` over every notebook (default parameters)."""
