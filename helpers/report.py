@@ -161,28 +161,30 @@ def _unreadable(key, title, r) -> Section | None:
     return None
 
 
-def environment_section(work: Work) -> Section:
-    key, title, nb = "environment", "Environment", NOTEBOOKS["00"]
-    r = _load(work, nb)
+def _open(work: Work, key: str, title: str, notebook: str) -> tuple[Section, dict | None]:
+    """The section and the notebook's results; results None when the section only says 'not run'."""
+    r = _load(work, notebook)
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if s.ran:
-        s.table(["fact", "value"], _scalars(r, skip=("recommendation", "qlora_4bit_note")))
-        if r.get("recommendation"):
-            s.p(str(r["recommendation"]))
+        return _not_run(key, title, notebook), None
+    unreadable = _unreadable(key, title, r)
+    return (unreadable, None) if unreadable else (Section(key, title), r)
+
+
+def environment_section(work: Work) -> Section:
+    s, r = _open(work, "environment", "Environment", NOTEBOOKS["00"])
+    if r is None:
+        return s
+    s.table(["fact", "value"], _scalars(r, skip=("recommendation", "qlora_4bit_note")))
+    if r.get("recommendation"):
+        s.p(str(r["recommendation"]))
     return s
 
 
 def data_section(work: Work) -> Section:
     from .data import DataError, load_dataset
 
-    key, title, nb = "data", "Data", NOTEBOOKS["01"]
-    r = _load(work, nb)
+    s, r = _open(work, "data", "Data", NOTEBOOKS["01"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     s.p(f"The assistant belongs to {r.get('name', '?')}; it should answer: {r.get('answer', '?')}")
     s.table(["fact", "value"], [(k, _text(r[k])) for k in ("records", "identity_records", "general_records", "format",
@@ -207,12 +209,8 @@ HYPER_KEYS = ("hyperparameters", "hyper_parameters", "training_config", "config"
 
 
 def training_section(work: Work) -> Section:
-    key, title, nb = "training", "Training (QLoRA fine-tune)", NOTEBOOKS["02"]
-    r = _load(work, nb)
+    s, r = _open(work, "training", "Training (QLoRA fine-tune)", NOTEBOOKS["02"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     hyper = next((r[k] for k in HYPER_KEYS if isinstance(r.get(k), dict)), None)
     s.table(["result", "value"], _scalars(r))
@@ -244,12 +242,8 @@ def evaluation_section(work: Work) -> Section:
 
 
 def merge_section(work: Work) -> Section:
-    key, title, nb = "merge", "Merge check", NOTEBOOKS["03"]
-    r = _load(work, nb)
+    s, r = _open(work, "merge", "Merge check", NOTEBOOKS["03"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     passed = r.get("passed")
     s.p(("PASSED" if passed else "FAILED") + f": the merged final_model and base + adapter give logits that differ by "
@@ -263,12 +257,8 @@ def merge_section(work: Work) -> Section:
 
 
 def before_after_section(work: Work) -> Section:
-    key, title, nb = "before-after", "Before / after (LLM)", NOTEBOOKS["04"]
-    r = _load(work, nb)
+    s, r = _open(work, "before-after", "Before / after (LLM)", NOTEBOOKS["04"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     rows = _first_rows(r, ("rows", "before_after", "table", "comparison"))
     if not rows:
@@ -286,12 +276,8 @@ def before_after_section(work: Work) -> Section:
 def vlm_section(work: Work) -> Section:
     from .homework import VLM_TABLE_KEYS, vlm_pairs
 
-    key, title, nb = "vlm", "Before / after (VLM)", NOTEBOOKS["05"]
-    r = _load(work, nb)
+    s, r = _open(work, "vlm", "Before / after (VLM)", NOTEBOOKS["05"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     image = vlm_image(work, r)
     if image:
@@ -310,12 +296,8 @@ def vlm_section(work: Work) -> Section:
 
 
 def publish_section(work: Work) -> Section:
-    key, title, nb = "publish", "Publish", NOTEBOOKS["06"]
-    r = _load(work, nb)
+    s, r = _open(work, "publish", "Publish", NOTEBOOKS["06"])
     if r is None:
-        return _not_run(key, title, nb)
-    s = _unreadable(key, title, r) or Section(key, title)
-    if not s.ran:
         return s
     push = _find_push(r)
     remote, commit = push.get("remote") or push.get("remote_url"), push.get("commit") or push.get("pushed_commit")
