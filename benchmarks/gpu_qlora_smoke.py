@@ -1,10 +1,11 @@
-"""Smoke run of the kit's training path (helpers.train.train) on a GPU with 4-bit NF4 QLoRA.
+"""Smoke run of the kit's training path (helpers.train.train, notebook 02's) on a GPU: 4-bit NF4 or "auto".
 
 Offline and self-contained: builds a random-weight Llama with the kit's own tokenizer in a temp dir,
 writes the self-cognition data there, trains ~50 updates and prints first/last loss, peak memory and
 tokens/s (as JSON on the last line). On a CPU: `--quantization none --size tiny`.
 
     python benchmarks/gpu_qlora_smoke.py                      # H200: nf4, a ~0.3B model, packed 1024
+    python benchmarks/gpu_qlora_smoke.py --quantization auto  # H200: the 16-bit fast path notebook 02 gets
     python benchmarks/gpu_qlora_smoke.py --quantization none --size tiny --steps 20   # CPU check
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": _version("bitsandbytes"), "size": args.size, "quantization": result["quantization"],
+        "fast_path": (result.get("fast_path") or {}).get("reason"),
         "steps": result["steps"], "first_loss": result["first_loss"], "last_loss": result["final_loss"],
         "peak_memory_mb": result["peak_memory_mb"], "tokens_per_s_median": statistics.median(speeds),
         "train_seconds": result["train_seconds"], "total_seconds": round(time.perf_counter() - t0, 1),

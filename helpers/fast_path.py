@@ -311,36 +311,132 @@ def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: fl
     return total / denom
 
 
-def batch_from_positions(inputs: dict) -> dict:
-    """A Trainer batch of packed rows (position_ids restart at 0 per sample) -> one flat varlen row."""
+def batch_from_positions(inputs: dict, pad_to: int | None = None, max_seq: int | None = None) -> dict:
+    """A Trainer batch of packed rows (position_ids restart at 0 per sample) -> one flat varlen row.
+
+    `pad_to` pads the row to a fixed number of tokens (blocks of at most `max_seq` that predict nothing) and
+    `max_seq` fixes the varlen bound: compiled layers then see the same shapes at every step.
+    """
     import torch
 
     ids, pos, labels = (inputs[k].reshape(-1) for k in ("input_ids", "position_ids", "labels"))
+    if pad_to is not None and pad_to > ids.numel():
+        extra = pad_to - ids.numel()
+        block = max_seq or extra
+        ids = torch.cat([ids, ids.new_zeros(extra)])
+        pos = torch.cat([pos, torch.arange(extra, device=pos.device, dtype=pos.dtype) % block])
+        labels = torch.cat([labels, labels.new_full((extra,), IGNORE)])
     starts = (pos == 0).nonzero().squeeze(1)
     bounds = torch.cat([starts, torch.tensor([ids.numel()], device=ids.device)])
     lengths = bounds[1:] - bounds[:-1]
     targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])
     targets[bounds[1:] - 1] = IGNORE  # the last token of each sample predicts nothing
-    longest = ceil_div(int(lengths.max()), 64) * 64
+    longest = max(ceil_div(int(lengths.max()), 64) * 64, ceil_div(max_seq or 0, 64) * 64)
     cu = bounds.to(torch.int32)
     return {"input_ids": ids[None], "position_ids": pos[None], "targets": targets[None], "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def packed_trainer_loss(model, inputs: dict, num_items_in_batch=None):
-    """The Trainer's loss on the fast path: kit attention for this forward only, fused chunked CE."""
-    lm = causal_lm(model)
+    """The Trainer's loss on the fast path: kit attention (and compiled layers, when the model was prepared with
+    `prepare_trainer_model`) for this forward only, fused chunked CE."""
+    import torch
     from transformers import AttentionInterface
 
+    lm = causal_lm(model)
     AttentionInterface.register(ATTENTION_NAME, kit_varlen_attention)
+    fast = getattr(lm, "_kit_trainer_fast", None) or {}
+    layers = list(lm.get_decoder().layers) if fast.get("compiled") else []
     before = lm.config._attn_implementation
     lm.config._attn_implementation = ATTENTION_NAME  # generation in evaluation keeps the model's own attention
+    for layer, compiled in zip(layers, fast.get("compiled") or []):
+        layer._compiled_call_impl = compiled  # evaluation's generation runs the eager layers
     try:
-        batch = batch_from_positions(inputs)
+        batch = batch_from_positions(inputs, fast.get("pad_to"), fast.get("max_seq"))
+        if layers:  # the number of samples changes every step: one compiled graph for all of them
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                torch._dynamo.maybe_mark_dynamic(batch[key], 0)
         n = float(num_items_in_batch) if num_items_in_batch is not None else None
-        return packed_loss(model, batch, None, normalizer=n)
+        return packed_loss(model, batch, fast.get("plan"), normalizer=n)
+    except torch._dynamo.exc.TorchDynamoException as e:  # compilation failed (inductor's errors are wrapped)
+        if not layers:
+            raise
+        print(f"note: compiling the layers failed ({type(e).__name__}); training goes on with eager layers.")
+        fast["compiled"], fast["plan"].compile_layers = [], False
+        for layer in layers:
+            layer._compiled_call_impl = None
+        return packed_trainer_loss(model, inputs, num_items_in_batch)
     finally:
         lm.config._attn_implementation = before
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
+# ---------------------------------------------------------------- helpers.train's Trainer on the fast path
+def trainer_plan(config, quantization: str, cuda: bool | None = None) -> FastPlan | None:
+    """The fast path for helpers.train (notebook 02), or None where it does not apply (no CUDA GPU, no bf16,
+    rows not packed): the Trainer then trains exactly as before.
+
+    `quantization` is what helpers.train resolved ("nf4" or "none"). 16-bit: compiled layers, and with
+    config.quantization "auto" the plan also picks recomputation for the GPU (none on a big card).
+    Both: adapters in bf16, packed varlen rows of the plan's tokens per forward at the same effective batch.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda or not config.pack_to_max_length or not torch.cuda.is_bf16_supported():
+        return None
+    plan = make_plan("lean" if quantization == "nf4" else "fast")
+    plan.kernels = "torch"
+    planned = plan.gradient_checkpointing
+    if quantization == "nf4":
+        plan.precision, plan.compile_layers = "nf4", False
+    if quantization == "nf4" or config.quantization != "auto":  # asked for by name: recomputation as configured
+        plan.gradient_checkpointing = bool(config.gradient_checkpointing)
+    rows = config.batch_size * config.gradient_accumulation
+    # The plan sized its tokens per forward for recomputed layers: without recomputation keep the configured rows.
+    tokens = config.batch_size * config.max_length if planned and not plan.gradient_checkpointing \
+        else plan.tokens_per_step
+    per_forward, accumulation = trainer_batches(tokens, config.max_length, config.batch_size, rows)
+    plan.tokens_per_step, plan.accumulation = per_forward * config.max_length, accumulation
+    plan.extras = {"batch_size": per_forward, "gradient_accumulation": accumulation}
+    plan.reason = (f"{plan.precision} LoRA (bf16 adapters), {'recomputed' if plan.gradient_checkpointing else 'stored'}"
+                   f" activations{', compiled layers' if plan.compile_layers else ''}, {per_forward} packed rows of "
+                   f"{config.max_length} per forward x {accumulation} (same {rows} rows per update).")
+    return plan
+
+
+def trainer_batches(tokens_per_forward: int, max_length: int, batch_size: int, rows_per_update: int):
+    """Rows per forward and forwards per update: as many rows as the plan's tokens allow, dividing the update."""
+    per_forward = max(batch_size, min(rows_per_update, tokens_per_forward // max(1, max_length)))
+    while rows_per_update % per_forward:
+        per_forward -= 1
+    return per_forward, rows_per_update // per_forward
+
+
+def prepare_trainer_model(model, plan: FastPlan, max_length: int):
+    """A PeftModel for helpers.train's Trainer: bf16 adapters, compiled layers (switched on only inside
+    packed_trainer_loss), fixed packed shapes. Returns the model."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+    compiled = []
+    if plan.compile_layers:
+        for layer in causal_lm(model).get_decoder().layers:
+            layer.compile()
+            compiled.append(layer._compiled_call_impl)
+            layer._compiled_call_impl = None
+    causal_lm(model)._kit_trainer_fast = {"plan": plan, "compiled": compiled, "pad_to": plan.tokens_per_step,
+                                          "max_seq": max_length}
+    return model
+
+
+def trainer_arguments(plan: FastPlan) -> dict:
+    """TrainingArguments the fast path changes: rows per forward and per update (same product), fused AdamW."""
+    return {"per_device_train_batch_size": plan.extras["batch_size"],
+            "gradient_accumulation_steps": plan.extras["gradient_accumulation"], "optim": "adamw_torch_fused"}
 
 
 # ---------------------------------------------------------------- model loading
@@ -482,4 +578,5 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["FastPlan", "make_plan", "pack_examples", "collate_packed", "packed_loss", "load_for_training",
-           "add_lora", "train_step", "packed_steps", "fast_paths", "use_kit_attention", "flops_per_token"]
+           "add_lora", "train_step", "packed_steps", "fast_paths", "use_kit_attention", "flops_per_token",
+           "trainer_plan", "prepare_trainer_model", "trainer_arguments"]

@@ -170,6 +170,12 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     if Path(model_path).exists():
         check_model_dir(model_path)
     quantization, note = resolve_quantization(config.quantization)
+    plan = None
+    if torch.cuda.is_available():  # bf16 adapters, compiled layers, big packs (helpers.fast_path); None: as below
+        from .fast_path import trainer_plan
+
+        plan = trainer_plan(config, quantization)
+    checkpointing = plan.gradient_checkpointing if plan is not None else config.gradient_checkpointing
     kwargs = {}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -188,9 +194,9 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask builder
     if quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.gradient_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = target_module_names(model, config.target_modules, config.train_lm_head)
@@ -198,6 +204,11 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if plan is not None:
+        from .fast_path import prepare_trainer_model
+
+        model = prepare_trainer_model(model, plan, config.max_length)
+        note += f"; fast path: {plan.reason}"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, quantization, note
@@ -615,7 +626,7 @@ def _default_evaluation_inputs(work: Work) -> list[str]:
         return list(DEFAULT_EVALUATION_INPUTS)
 
 
-def training_arguments(config: TrainConfig, output_dir: Path):
+def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
     from transformers import TrainingArguments
 
     import torch
@@ -633,6 +644,10 @@ def training_arguments(config: TrainConfig, output_dir: Path):
         dataloader_pin_memory=torch.cuda.is_available(),
         gradient_checkpointing=False,  # enabled on the model itself, before the adapter goes on
     )
+    if plan is not None:  # the fast path: more rows per forward, fewer per accumulation (same update)
+        from .fast_path import trainer_arguments
+
+        args.update(trainer_arguments(plan))
     args.update(config.extra)
     return TrainingArguments(**args)
 
@@ -664,8 +679,10 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     fingerprint = _run_fingerprint(config, str(model_path), data_sha)
     resume_from = _prepare_train_dir(work, config, fingerprint)
 
+    plan = (getattr(model.get_base_model(), "_kit_trainer_fast", None) or {}).get("plan")
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
-    trainer = _trainer_class()(model=model, args=training_arguments(config, work.checkpoints), train_dataset=rows,
+    args = training_arguments(config, work.checkpoints, plan)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
                                data_collator=make_collator(tokenizer), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     ref = weakref.ref(trainer)
@@ -705,6 +722,8 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    if plan is not None:
+        record["fast_path"] = plan.as_dict()
     adapter = save_adapter(model, tokenizer, work.adapter, record)
     evals = evaluation_rounds(work)
     return record | {"adapter": str(adapter), "answers_before": evals[0]["answers"] if evals else [],

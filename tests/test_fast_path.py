@@ -137,3 +137,42 @@ def test_trainer_batch_becomes_the_same_packed_loss():
         fast = float(fp.packed_trainer_loss(model, inputs, n))
     assert model.config._attn_implementation == "sdpa"  # switched back after the forward
     assert fast == pytest.approx(float(_plain_loss(model, samples)), rel=1e-4)
+
+
+def test_trainer_fast_path_bf16_adapters_fixed_shapes_same_loss():
+    """helpers.train's Trainer on the fast path: bf16 adapters, rows padded to a fixed size, the same loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.train import Collator, pack_samples
+
+    model = _tiny_llama()
+    samples = _samples(10, seed=4)
+    plain = float(_plain_loss(model, samples))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    plan = fp.FastPlan(precision="bf16", tokens_per_step=3 * 48)
+    model = fp.prepare_trainer_model(model, plan, max_length=48)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.bfloat16 and p.requires_grad for p in lora)
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+    rows = pack_samples(samples, 48, seed=1)
+    inputs = Collator(0)(rows[:2])
+    assert inputs["input_ids"].numel() < plan.tokens_per_step  # the loss pads the flat row up to it
+    batch = fp.batch_from_positions(inputs, plan.tokens_per_step, 48)
+    assert batch["input_ids"].shape == (1, 144) and batch["max_length_q"] == 64
+    assert int((batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).max()) <= 48
+    n = sum(1 for r in rows[:2] for lab in r["labels"][1:] if lab != -100)
+    rest = sum(1 for r in rows[2:] for lab in r["labels"][1:] if lab != -100)
+    first = fp.packed_trainer_loss(model, inputs, n)
+    first.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lora)
+    with torch.no_grad():
+        second = float(fp.packed_trainer_loss(model, Collator(0)(rows[2:]), rest))
+    assert (float(first) * n + second * rest) / (n + rest) == pytest.approx(plain, rel=1e-4)
+
+
+def test_trainer_rows_per_forward_keep_the_update():
+    assert fp.trainer_batches(16384, 1024, 1, 16) == (16, 1)
+    assert fp.trainer_batches(2048, 1024, 1, 16) == (2, 8)
+    assert fp.trainer_batches(4096, 1024, 1, 6) == (3, 2)  # rows per forward divide the rows per update
+    assert fp.trainer_batches(16384, 1024, 2, 4) == (4, 1)
+    assert fp.trainer_batches(512, 1024, 2, 8) == (2, 4)  # never fewer than the configured batch
