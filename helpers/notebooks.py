@@ -51,19 +51,23 @@ def out_of_sync() -> list[str]:
 
 
 def build(with_outputs: bool = True, only: list[str] | None = None) -> list[Path]:
-    """Write notebooks/*.ipynb from the .py sources; run them once to store the checked cells' outputs."""
+    """Write notebooks/*.ipynb from the .py sources; run them in order, in one temporary work dir, to store
+    the checked cells' outputs (`only` limits which are written; the ones before them still run)."""
     import nbformat
     import papermill as pm
 
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        for py in sources():
-            if only and py.name[:2] not in only:
-                continue
+        books = sources()
+        last = max((i for i, py in enumerate(books) if not only or py.name[:2] in only), default=-1)
+        for py in books[: last + 1]:
+            wanted = not only or py.name[:2] in only
             nb = _read_py(py)
-            ipynb = py.with_suffix(".ipynb")
+            ipynb = py.with_suffix(".ipynb") if wanted else Path(tmp) / f"source-{py.stem}.ipynb"
             nbformat.write(nb, ipynb)
-            if with_outputs:
+            if not (with_outputs or wanted):
+                continue
+            if with_outputs:  # earlier notebooks run too (in one work dir), since each builds on the ones before
                 executed = Path(tmp) / ipynb.name
                 pm.execute_notebook(str(ipynb), str(executed), parameters={"work_dir": str(Path(tmp) / "work")},
                                     cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False)
@@ -73,8 +77,9 @@ def build(with_outputs: bool = True, only: list[str] | None = None) -> list[Path
                     if CHECK_MARK in cell.source:
                         cell.outputs = [o for o in done.outputs if o.get("output_type") != "display_data"]
                         cell.execution_count = done.execution_count
-            nbformat.write(nb, ipynb)
-            written.append(ipynb)
+            if wanted:
+                nbformat.write(nb, ipynb)
+                written.append(ipynb)
     return written
 
 
