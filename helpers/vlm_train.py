@@ -32,10 +32,11 @@ LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 VISION_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR = "multi_modal_projector"
 PROJECTOR_FILE = "projector.safetensors"
-# Trained in full in stage 2 besides the LoRA layers. The tiny LLM never produced the picture's words, and
-# its 64-wide LoRA cannot reach them through a frozen output layer, so there the output layer learns too.
 # Kept in 16-bit when the LLM goes 4-bit (transformers matches these as name prefixes).
 NOT_QUANTIZED = ["model.vision_tower", f"model.{PROJECTOR}", "lm_head"]
+# Trained in full (stage 1: alone; stage 2: besides the LoRA layers). The tiny LLM never produced the
+# picture's words, and neither a projector nor a 64-wide LoRA reaches them through a frozen output layer,
+# so on the tiny preset the output layer learns too.
 FULLY_TRAINED = {"tiny": [PROJECTOR, "lm_head"], "homework": [PROJECTOR]}
 
 
@@ -131,8 +132,9 @@ def load_stage_model(model_dir, stage: int, config: TrainConfig, vision_lora: bo
         model.to("cuda")
     model.config.use_cache = False
     if stage == 1:
+        trained = fully_trained or FULLY_TRAINED[config.preset]
         for name, p in model.named_parameters():
-            p.requires_grad = name.split(".")[1] == PROJECTOR if name.startswith("model.") else False
+            p.requires_grad = any(part in name.split(".") for part in trained)
         return model, processor, quantization, note
     if quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)

@@ -93,7 +93,8 @@ vt.show_llava_loss_mask(processor, files["conversations"]).T
 # %% [markdown]
 # ## Stage 1: pre-align the projector
 # The LLM and the vision encoder stay frozen; the projector learns to turn the picture's features into
-# something the LLM can describe. On a real model this is the course's "pre-trained projector" step.
+# something the LLM can describe. On a real model this is the course's "pre-trained projector" step. (The
+# tiny LLM has never written these words, so on the tiny preset its output layer learns along.)
 
 # %%
 if 1 in stages:
@@ -103,8 +104,8 @@ if 1 in stages:
 vt.evaluation_table(work, 1)
 
 # %% [markdown]
-# Before the fine-tune: the stage-1 model answers the scripted questions. It has never seen them, so it
-# answers with whatever its LLM already says.
+# Before the fine-tune: the stage-1 model answers the scripted questions. It has never seen them; all it
+# has learned about the picture is its caption, so that is what it says.
 
 # %%
 model1, processor1 = load_vlm(work.vlm_aligned_model)

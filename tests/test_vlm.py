@@ -191,7 +191,10 @@ def test_stage2_answers_the_scripted_questions_and_stage1_does_not(vlm_results):
     rows = vlm_results["before_after"]
     assert [r["stage 2 (fine-tuned)"] for r in rows] == expected
     assert vlm_results["stage2"]["parameters"]["vision"] > 0 and vlm_results["stage2"]["parameters"]["projector"] > 0
-    assert vlm_results["stage1"]["parameters"]["trainable"] == vlm_results["stage1"]["parameters"]["projector"]
+    stage1 = vlm_results["stage1"]["parameters"]  # the projector, and on the tiny preset the output layer
+    assert stage1["vision"] == 0 and stage1["trainable"] == stage1["projector"] + stage1["llm"]
+    caption = "蓝天下有一座红房子，旁边有一棵绿树。"  # before the fine-tune it can only caption
+    assert vlm_results["stage1_answers"] == [caption] * len(expected)
     assert vlm_results["stage2"]["final_loss"] < vlm_results["stage2"]["first_loss"]
 
 
