@@ -34,10 +34,23 @@ def _typed(value: str, declared_type: str | None):
         return value
 
 
+def _readable_parameters() -> None:
+    """Injected strings as Python literals with their Unicode intact (papermill escapes it: "\\u5c0f...")."""
+    from papermill.translators import PythonTranslator, papermill_translators
+
+    class ReadablePython(PythonTranslator):
+        @classmethod
+        def translate_str(cls, val):
+            return repr(val)
+
+    papermill_translators.register("python", ReadablePython)
+
+
 def run_course(work_dir=None, only=None, params: dict | None = None, quiet: bool = False) -> int:
     """Execute the notebooks; stop at the first failure, naming notebook, cell and error. Returns 0 or 1."""
     import papermill as pm
 
+    _readable_parameters()
     work = make_work(work_dir)
     work.executed.mkdir(parents=True, exist_ok=True)
     os.environ["KIT_HEADLESS"] = "1"  # the kernels inherit it: plain-text progress, no widget noise
