@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from .paths import staged_dir
 
 CONVERSION_RECORD = "converted_from_internlm2.json"
 CONVERSION_VERSION = 1
@@ -166,12 +167,8 @@ def convert_internlm2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     if config.tie_word_embeddings:
         model.tie_weights()
     model.to(dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp"))
-    model.save_pretrained(str(tmp))
-    _convert_tokenizer(src, tmp)
-    (tmp / CONVERSION_RECORD).write_text(json.dumps(stamp, indent=1))
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    with staged_dir(dst) as tmp:
+        model.save_pretrained(str(tmp))
+        _convert_tokenizer(src, tmp)
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(stamp, indent=1))
     return dst

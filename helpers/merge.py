@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base_model import check_model_dir
+from .paths import staged_dir
 from .template import stop_token_ids
 
 # Sample prompts whose logits must agree between base+adapter and the merged model.
@@ -151,22 +150,10 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
     model = load_model(base_model, adapter, dtype=dtype, device="cpu")
     merged = model.merge_and_unload()
     merged.generation_config = generation_config
-    final_model.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final_model.parent, prefix=f".{final_model.name}.tmp"))
-    try:
+    with staged_dir(final_model) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         check_model_dir(tmp)
-        if final_model.exists():
-            old = final_model.with_name(f".{final_model.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final_model.rename(old)
-            tmp.rename(final_model)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final_model)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return MergeResult(
         final_model=final_model, base_model=str(base_model), adapter=str(adapter),
         dtype=str(merged.dtype).replace("torch.", ""), max_shard_size=str(max_shard_size),

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,3 +141,27 @@ def work(work_dir: str | os.PathLike | None = None, create: bool = True) -> Work
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return Work(root)
+
+
+@contextmanager
+def staged_dir(dest: str | os.PathLike, keep: tuple[str, ...] = ()):
+    """Build a directory beside `dest` and swap it in by rename when the block ends, so no reader ever sees a
+    half-written one; if the block fails, `dest` is left as it was. `keep`: names carried over from the old
+    `dest` (e.g. ".git", so a rebuilt repository keeps its history)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; what is built here is meant to be read
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+            for name in keep:
+                if (old / name).exists():
+                    (old / name).rename(tmp / name)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only when the block failed

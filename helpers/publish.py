@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .base_model import ModelPathError, check_model_dir
 from .data import file_sha256
-from .paths import Work
+from .paths import Work, staged_dir
 
 TOKEN_ENV = "COURSE_HUB_TOKEN"  # the hub access token is read from here (or asked for, hidden)
 USER_ENV = "COURSE_HUB_USER"  # the hub user name, when the URL does not say it
@@ -155,22 +155,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _swap_in(tmp: Path, dest: Path, keep: tuple[str, ...] = (".git",)) -> Path:
-    """Replace `dest` by the finished `tmp`, carrying over `keep` (the git history) from the old one."""
-    old = dest.with_name(f".{dest.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        dest.rename(old)
-        for name in keep:
-            if (old / name).exists():
-                (old / name).rename(tmp / name)
-    tmp.rename(dest)
-    if old.exists():
-        shutil.rmtree(old)
-    return dest
-
-
 def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", base_model: str | None = None,
                      repo_url: str | None = None, model_dir: str | os.PathLike | None = None) -> Path:
     """WORK/publish/model_repo: the final model's files, README.md (the card), .gitattributes and the loss plot.
@@ -182,9 +166,7 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
         check_model_dir(source)
     except ModelPathError as e:
         raise PublishError(f"{e} (Publishing needs the merged model: run notebook 03 with this work_dir first.)") from None
-    work.publish.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=work.publish, prefix=".model_repo.tmp"))
-    try:
+    with staged_dir(work.model_repo, keep=(".git",)) as tmp:  # the git history of the last build stays
         for f in sorted(source.rglob("*")):
             rel = f.relative_to(source)
             if f.is_file() and not (set(rel.parts) & MODEL_DIR_SKIP):
@@ -194,10 +176,7 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
             shutil.copy2(work.loss_plot, tmp / "loss.png")
         (tmp / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(work, model_name, license, base_model, repo_url), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _swap_in(tmp, work.model_repo)
+    return work.model_repo
 
 
 def repo_files(repo_dir: Path) -> list[dict]:
@@ -354,12 +333,8 @@ def default_remote(work: Work) -> str:
     """A local bare repository WORK/publish/remote.git as a file:// URL (created when missing): the offline target."""
     bare = work.publish_remote
     if not (bare / "HEAD").exists():
-        bare.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=bare.parent, prefix=".remote.tmp"))
-        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp)], check=True, capture_output=True)
-        if bare.exists():
-            shutil.rmtree(bare)
-        tmp.rename(bare)
+        with staged_dir(bare) as tmp:
+            subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp)], check=True, capture_output=True)
     return bare.resolve().as_uri()
 
 
@@ -573,9 +548,7 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
     if not WEB_APP.exists():
         raise PublishError(f"{WEB_APP} is missing; the app bundle copies the chat demo from there.")
     url = _safe_url(_check_url(model_repo_url))
-    work.publish.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=work.publish, prefix=".app.tmp"))
-    try:
+    with staged_dir(work.app, keep=(".git",)) as tmp:
         shutil.copy2(WEB_APP, tmp / "chat_app.py")
         for name in ("app.py", "fetch_model.py"):
             shutil.copy2(TEMPLATES / name, tmp / name)
@@ -593,10 +566,7 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
                                                      streamlit_version=version("streamlit"),
                                                      python_version=f"{sys.version_info.major}.{sys.version_info.minor}"),
                                        encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _swap_in(tmp, work.app)
+    return work.app
 
 
 def file_table(files: list[dict]):

@@ -11,12 +11,11 @@ import json
 import mimetypes
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .paths import Work, work as make_work
+from .paths import Work, staged_dir, work as make_work
 
 NOTEBOOKS = {
     "00": "00_environment", "01": "01_data_generation", "02": "02_qlora_finetune", "03": "03_merge",
@@ -374,9 +373,7 @@ def build_report(work_dir=None) -> Path:
     title = f"Homework report: {name}'s assistant" if name else "Homework report"
     ran = sum(s.ran for s in secs)
     meta = f"Work directory {work.root} · built {datetime.now():%Y-%m-%d %H:%M} · {ran} of {len(secs)} sections ran"
-    tmp = Path(tempfile.mkdtemp(dir=work.root, prefix=".report.tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the report is meant to be read and handed in
-    try:
+    with staged_dir(work.report) as tmp:
         images = {}
         for s in secs:
             for b in s.blocks:
@@ -385,14 +382,6 @@ def build_report(work_dir=None) -> Path:
                     shutil.copyfile(b[1], tmp / images[b[1]])
         (tmp / "index.html").write_text(render_html(title, meta, secs), encoding="utf-8")
         (tmp / "index.md").write_text(render_markdown(title, meta, secs, images), encoding="utf-8")
-        old = work.report.with_name(f".{work.report.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if work.report.exists():
-            work.report.rename(old)
-        tmp.rename(work.report)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return work.report / "index.html"
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from .data import DEFAULT_ANSWER, DEFAULT_EVALUATION_INPUTS, DEFAULT_QUESTIONS, encode_messages, general_chat_samples
+from .paths import staged_dir
 from .template import INTERNLM2_CHAT_TEMPLATE, END_OF_TURN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", END_OF_TURN, "<image>"]
@@ -108,15 +107,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 4
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[stop_id, tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
-    # Build in a temp dir and swap it in, so an interrupted build never leaves a half model.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / RECORD_FILE).write_text(json.dumps(
-        recipe | {"pretrain_loss_first": losses[0], "pretrain_loss_last": sum(losses[-20:]) / 20,
-                  "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged_dir(out_dir) as tmp:  # an interrupted build never leaves a half model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(
+            recipe | {"pretrain_loss_first": losses[0], "pretrain_loss_last": sum(losses[-20:]) / 20,
+                      "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
     return out_dir

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import IGNORE_INDEX, DataError, atomic_write_text, encode_messages, file_sha256, load_dataset
-from .paths import Work
+from .paths import Work, staged_dir
 from .progress import headless
 from .progress import tqdm as progress_bar
 
@@ -733,16 +733,10 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
 
 def save_adapter(model, tokenizer, out_dir: Path, record: dict) -> Path:
     """PEFT adapter + tokenizer + training_record.json, written beside and swapped in by rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, save_embedding_layers=False)  # the base's own layers stay with the base
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training_record.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str))
-    if out_dir.exists():
-        _remove_dir(out_dir)
-    tmp.rename(out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)  # the base's own layers stay with the base
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_record.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str))
     return out_dir
 
 

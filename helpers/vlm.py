@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .base_model import check_model_dir
+from .paths import staged_dir
 from .template import stop_token_ids
 from .vlm_data import IMAGE_TOKEN
 
@@ -58,35 +57,11 @@ def build_vision_tower(out_dir: str | os.PathLike, seed: int = 0, **overrides) -
     size = config.image_size
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                       image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    with _swap_dir(out_dir) as tmp:
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / VISION_RECORD).write_text(json.dumps(recipe, indent=1))
     return out_dir
-
-
-class _swap_dir:
-    """Write into a temp dir next to `path` and rename it into place at the end, so no half-written dir is left."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.path.with_name(f".{self.path.name}.old")
-        if self.path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            self.path.rename(old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def multimodal_chat_template(tokenizer) -> str:
@@ -99,6 +74,7 @@ def multimodal_chat_template(tokenizer) -> str:
 
 def _vision_parts(vision_path: Path):
     from transformers import AutoConfig, CLIPVisionModel
+
     # the submodule import: transformers' top-level name is a placeholder when torchvision is absent
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -118,8 +94,14 @@ def build_vlm(llm_path: str | os.PathLike, vision_path: str | os.PathLike, out_d
               seed: int = 0, vision_feature_layer: int = -2) -> Path:
     """LLM + CLIP vision tower + a fresh projector -> a LLaVA model and processor saved in `out_dir`."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     llm_path, vision_path = Path(llm_path), Path(vision_path)
     tokenizer = AutoTokenizer.from_pretrained(check_model_dir(llm_path))
@@ -152,7 +134,7 @@ def build_vlm(llm_path: str | os.PathLike, vision_path: str | os.PathLike, out_d
 
 def save_vlm(model, processor, out_dir: str | os.PathLike) -> Path:
     """Save model + processor in Hugging Face format, atomically (temp dir, then rename)."""
-    with _swap_dir(Path(out_dir)) as tmp:
+    with staged_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
