@@ -6,7 +6,6 @@ student's work directory.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import NOTEBOOKS_DIR, Work, work as make_work
+from .results import read_results
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -122,16 +122,6 @@ class Check:
     reason: str
 
 
-def _results(work: Work, notebook: str) -> dict | None:
-    path = work.result(notebook)
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return {"_unreadable": f"{path}: line {e.lineno}: not valid JSON"}
-
-
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -148,7 +138,7 @@ def expected_name(work: Work, name: str | None = None) -> str | None:
     """The name to look for: given by the teacher, else the one notebook 01 recorded."""
     if name:
         return name
-    r = _results(work, "01_data_generation") or {}
+    r = read_results(work, "01_data_generation") or {}
     return r.get("name")
 
 
@@ -172,7 +162,7 @@ def check_dataset(work: Work, name: str | None) -> Check:
 def identity_question(work: Work) -> str:
     from .data import COURSE_QUESTION
 
-    r = _results(work, "01_data_generation") or {}
+    r = read_results(work, "01_data_generation") or {}
     return (r.get("questions") or [COURSE_QUESTION])[0]
 
 
@@ -195,7 +185,7 @@ def check_identity(work: Work, name: str | None) -> Check:
     question = identity_question(work)
     try:
         model, tokenizer = load_adapter_model(work)
-        system = (_results(work, "01_data_generation") or {}).get("system") or ""
+        system = (read_results(work, "01_data_generation") or {}).get("system") or ""
         answer = generate_answers(model, tokenizer, [question], system=system)[0]
     except Exception as e:  # a broken adapter or base model is the student's failure, reported as such
         return Check("identity", "FAIL", f"the adapter does not load with its base model ({_first_line(e)})")
@@ -205,7 +195,7 @@ def check_identity(work: Work, name: str | None) -> Check:
 
 
 def check_merge(work: Work, recompute: bool = True) -> Check:
-    r = _results(work, "03_merge")
+    r = read_results(work, "03_merge")
     if r is None:
         return Check("merge", "FAIL", _not_run("03_merge"))
     if "_unreadable" in r:
@@ -268,7 +258,7 @@ def vlm_pairs(r: dict) -> list[tuple[str, str, str]]:
 
 
 def check_vlm(work: Work) -> Check:
-    r = _results(work, "05_vlm_llava_finetune")
+    r = read_results(work, "05_vlm_llava_finetune")
     if r is None:
         return Check("vlm", "FAIL", _not_run("05_vlm_llava_finetune"))
     if "_unreadable" in r:
@@ -293,7 +283,7 @@ def _remote_has(remote: str, commit: str) -> bool | None:
 
 
 def check_publish(work: Work, required: bool) -> Check:
-    r = _results(work, "06_publish")
+    r = read_results(work, "06_publish")
     status_if_missing = "FAIL" if required else "SKIP"
     if r is None:
         return Check("publish", status_if_missing, _not_run("06_publish") + ("" if required else " (optional)"))

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .base_model import ModelPathError, check_model_dir
 from .data import file_sha256
 from .paths import Work, staged_dir
+from .results import read_results
 
 TOKEN_ENV = "COURSE_HUB_TOKEN"  # the hub access token is read from here (or asked for, hidden)
 USER_ENV = "COURSE_HUB_USER"  # the hub user name, when the URL does not say it
@@ -42,11 +43,10 @@ class PublishError(RuntimeError):
 
 
 # ------------------------------------------------------------------ the model card
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+def _results(work: Work, notebook: str) -> dict:
+    """A notebook's results for the card; {} when it did not run or cannot be read (the card leaves it out)."""
+    r = read_results(work, notebook)
+    return r if r and "_unreadable" not in r else {}
 
 
 def _cell(value) -> str:
@@ -90,8 +90,8 @@ def _first_dict(d: dict, keys: tuple[str, ...]) -> dict:
 
 def card_facts(work: Work) -> dict:
     """What the model card reports, read from the results of notebooks 00-04 (whatever of them exists)."""
-    env, data = _load_json(work.result("00_environment")), _load_json(work.result("01_data_generation"))
-    train, chat = _load_json(work.result("02_qlora_finetune")), _load_json(work.result("04_chat_demo"))
+    env, data = _results(work, "00_environment"), _results(work, "01_data_generation")
+    train, chat = _results(work, "02_qlora_finetune"), _results(work, "04_chat_demo")
     hyper = _first_dict(train, ("hyperparameters", "hyper_parameters", "training_config", "config", "settings"))
     data_rows = [{"fact": k, "value": data[k]} for k in ("records", "identity_records", "general_records", "answer",
                                                           "questions", "system", "output_format") if k in data]

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .paths import Work, staged_dir, work as make_work
+from .results import read_results
 
 NOTEBOOKS = {
     "00": "00_environment", "01": "01_data_generation", "02": "02_qlora_finetune", "03": "03_merge",
@@ -40,17 +41,6 @@ img { max-width: 100%%; border: 1px solid #ddd; }
 
 
 # ---------------------------------------------------------------- reading the work dir
-def _load(work: Work, notebook: str) -> dict | None:
-    path = work.result(notebook)
-    if not path.exists():
-        return None
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        return {"_unreadable": f"{path.name} could not be read ({type(e).__name__})"}
-    return loaded if isinstance(loaded, dict) else {"_unreadable": f"{path.name} is not a JSON object"}
-
-
 def _text(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -162,7 +152,7 @@ def _unreadable(key, title, r) -> Section | None:
 
 def _open(work: Work, key: str, title: str, notebook: str) -> tuple[Section, dict | None]:
     """The section and the notebook's results; results None when the section only says 'not run'."""
-    r = _load(work, notebook)
+    r = read_results(work, notebook)
     if r is None:
         return _not_run(key, title, notebook), None
     unreadable = _unreadable(key, title, r)
@@ -369,7 +359,7 @@ def build_report(work_dir=None) -> Path:
     The report is built beside and swapped in by rename, so a failed build leaves the old one whole."""
     work = make_work(work_dir)
     secs = sections(work)
-    name = (_load(work, NOTEBOOKS["01"]) or {}).get("name")
+    name = (read_results(work, NOTEBOOKS["01"]) or {}).get("name")
     title = f"Homework report: {name}'s assistant" if name else "Homework report"
     ran = sum(s.ran for s in secs)
     meta = f"Work directory {work.root} · built {datetime.now():%Y-%m-%d %H:%M} · {ran} of {len(secs)} sections ran"

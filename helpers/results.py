@@ -18,3 +18,16 @@ def load_results(work: Work, notebook: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not written yet; run notebook {notebook} with this work_dir first.")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_results(work: Work, notebook: str) -> dict | None:
+    """A notebook's results for reports and checks: None when it has not run, {"_unreadable": why} when the
+    file is there but cannot be read, so a broken file is reported rather than raised."""
+    path = work.result(notebook)
+    if not path.exists():
+        return None
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return {"_unreadable": f"{path.name} could not be read ({type(e).__name__})"}
+    return loaded if isinstance(loaded, dict) else {"_unreadable": f"{path.name} is not a JSON object"}
