@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import NOTEBOOKS_DIR, Work, work as make_work
-from .results import read_results
+from .results import read_results, table_rows
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -233,16 +233,10 @@ def _is_after(column: str) -> bool:
     return c.startswith(("after", "stage 2", "stage2")) and not c.endswith(("match", "matches"))
 
 
-def _table_rows(value) -> list[dict]:
-    if isinstance(value, dict) and value and all(isinstance(c, list) for c in value.values()):  # column-oriented
-        value = [dict(zip(value, row)) for row in zip(*value.values())]
-    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
-
-
 def vlm_pairs(r: dict) -> list[tuple[str, str, str]]:
     """(question, before, after) rows of notebook 05's results, from its table or from parallel lists."""
     for key in VLM_TABLE_KEYS:
-        rows = _table_rows(r.get(key))
+        rows = table_rows(r, (key,))
         if rows:
             before = next((c for c in rows[0] if _is_before(c)), None)
             after = next((c for c in rows[0] if _is_after(c)), None)

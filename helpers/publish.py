@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .base_model import ModelPathError, check_model_dir
 from .data import file_sha256
 from .paths import Work, staged_dir
-from .results import read_results
+from .results import read_results, table_rows
 
 TOKEN_ENV = "COURSE_HUB_TOKEN"  # the hub access token is read from here (or asked for, hidden)
 USER_ENV = "COURSE_HUB_USER"  # the hub user name, when the URL does not say it
@@ -69,18 +69,6 @@ def _scalars(d: dict) -> list[dict]:
     return [{"setting": k, "value": v} for k, v in d.items() if isinstance(v, (str, int, float, bool)) and v != ""]
 
 
-def _first_table(d: dict, keys: tuple[str, ...]) -> list[dict]:
-    """The first list of row dicts found under one of `keys` (results files name their tables differently)."""
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
-            return v
-        if isinstance(v, dict) and v and all(isinstance(r, list) for r in v.values()):  # column-oriented
-            n = max(len(r) for r in v.values())
-            return [{c: (v[c][i] if i < len(v[c]) else "") for c in v} for i in range(n)]
-    return []
-
-
 def _first_dict(d: dict, keys: tuple[str, ...]) -> dict:
     for k in keys:
         if isinstance(d.get(k), dict) and d[k]:
@@ -102,7 +90,7 @@ def card_facts(work: Work) -> dict:
         "hyper_rows": _scalars(hyper) if hyper else _scalars({k: v for k, v in train.items() if "loss" not in k}),
         "loss_rows": [{"metric": k, "value": v} for k, v in train.items() if "loss" in k and isinstance(v, (int, float))],
         "eval_rows": _eval_rows(train),
-        "before_after_rows": _first_table(chat, ("before_after", "table", "rows", "comparison")),
+        "before_after_rows": table_rows(chat, ("before_after", "table", "rows", "comparison")),
         "has_loss_plot": work.loss_plot.exists(),
     }
 
@@ -114,7 +102,7 @@ def _eval_rows(train: dict) -> list[dict]:
     if questions and (before or after):
         return [{"question": q, "before": before[i] if i < len(before) else "",
                  "after": after[i] if i < len(after) else ""} for i, q in enumerate(questions)]
-    return _first_table(train, ("eval_answers", "evaluation", "answers"))
+    return table_rows(train, ("eval_answers", "evaluation", "answers"))
 
 
 def _base_model_id(recorded: str | None) -> str | None:

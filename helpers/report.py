@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .paths import Work, staged_dir, work as make_work
-from .results import read_results
+from .results import read_results, table_rows
 
 NOTEBOOKS = {
     "00": "00_environment", "01": "01_data_generation", "02": "02_qlora_finetune", "03": "03_merge",
@@ -47,24 +47,6 @@ def _text(value) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, ensure_ascii=False)
     return "" if value is None else str(value)
-
-
-def _rows_of(value) -> list[dict]:
-    """Row dicts from a list of dicts or a column-oriented dict of lists."""
-    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-        return value
-    if isinstance(value, dict) and value and all(isinstance(c, list) for c in value.values()):
-        n = max(len(c) for c in value.values())
-        return [{k: (c[i] if i < len(c) else "") for k, c in value.items()} for i in range(n)]
-    return []
-
-
-def _first_rows(d: dict, keys: tuple[str, ...]) -> list[dict]:
-    for k in keys:
-        rows = _rows_of(d.get(k))
-        if rows:
-            return rows
-    return []
 
 
 def _scalars(d: dict, skip=()) -> list[tuple[str, str]]:
@@ -249,7 +231,7 @@ def before_after_section(work: Work) -> Section:
     s, r = _open(work, "before-after", "Before / after (LLM)", NOTEBOOKS["04"])
     if r is None:
         return s
-    rows = _first_rows(r, ("rows", "before_after", "table", "comparison"))
+    rows = table_rows(r, ("rows", "before_after", "table", "comparison"))
     if not rows:
         s.p("Notebook 04 saved no before/after table.")
         return s
@@ -271,7 +253,7 @@ def vlm_section(work: Work) -> Section:
     image = vlm_image(work, r)
     if image:
         s.img(image, "the picture the VLM was taught about")
-    rows = _first_rows(r, VLM_TABLE_KEYS)
+    rows = table_rows(r, VLM_TABLE_KEYS)
     pairs = vlm_pairs(r)
     if rows and pairs:  # the notebook's own table, every column of it
         columns = list(dict.fromkeys(k for row in rows for k in row))

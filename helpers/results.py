@@ -31,3 +31,15 @@ def read_results(work: Work, notebook: str) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         return {"_unreadable": f"{path.name} could not be read ({type(e).__name__})"}
     return loaded if isinstance(loaded, dict) else {"_unreadable": f"{path.name} is not a JSON object"}
+
+
+def table_rows(results: dict, keys: tuple[str, ...]) -> list[dict]:
+    """The first table found under one of `keys`, as row dicts (from a list of rows or a dict of columns)."""
+    for key in keys:
+        value = results.get(key)
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            return value
+        if isinstance(value, dict) and value and all(isinstance(c, list) for c in value.values()):
+            n = max(len(c) for c in value.values())
+            return [{k: (c[i] if i < len(c) else "") for k, c in value.items()} for i in range(n)]
+    return []
