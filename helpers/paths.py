@@ -11,8 +11,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 DATA_DIR = REPO_ROOT / "data"
-# COURSE_WORK_DIR overrides the default (the test suite points it at a temporary directory).
-DEFAULT_WORK_DIR = Path(os.environ.get("COURSE_WORK_DIR") or REPO_ROOT / "work")
+DEFAULT_WORK_DIR = REPO_ROOT / "work"
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,7 @@ class Work:
 
 def work(work_dir: str | os.PathLike | None = None, create: bool = True) -> Work:
     """The Work for `work_dir` (default: <repo>/work; a relative path is taken from the current directory)."""
+    # COURSE_WORK_DIR overrides the default, read at call time (the test suite points it at a temp dir).
     default = Path(os.environ.get("COURSE_WORK_DIR") or DEFAULT_WORK_DIR)
     root = Path(work_dir).expanduser().resolve() if work_dir else default
     if create:
