@@ -15,7 +15,7 @@ from pathlib import Path
 from .paths import staged_dir
 
 CONVERSION_RECORD = "converted_from_internlm2.json"
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: the tokenizer built from tokenizer.model with InternLM2's ids
 # Per-layer tensors: InternLM2 name -> Llama name (wqkv is split separately).
 LAYER_RENAMES = {
     "attention.wo": "self_attn.o_proj",
@@ -123,22 +123,108 @@ def _read_state_dict(src: Path) -> dict:
     return state
 
 
-def _convert_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer, pointing its config at a built-in class instead of the remote one."""
-    for f in src.iterdir():
-        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens"))
-                            or f.name in ("generation_config.json", "chat_template.jinja")):
-            shutil.copy2(f, dst / f.name)
-    tok_cfg_path = dst / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
-    tok_cfg.pop("auto_map", None)
-    # tokenizer.json: the fast tokenizer as is; only a sentencepiece tokenizer.model: read as Llama's (same BPE).
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast" if (dst / "tokenizer.json").exists() else "LlamaTokenizer"
-    tok_cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=1))
-    if not (dst / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
 
-        AutoTokenizer.from_pretrained(str(dst)).save_pretrained(str(dst))  # writes tokenizer.json once
+
+def internlm2_tokenizer(model_dir: str | os.PathLike):
+    """InternLM2's tokenizer.model + tokenizer_config.json -> a fast tokenizer that gives InternLM2's own ids.
+
+    transformers' SentencePieceExtractor reads the pieces; the rest is InternLM2's and written here:
+    byte-fallback BPE merged by piece score, no dummy prefix ("▁" only where the text has a space),
+    sentencepiece's user-defined pieces kept whole, and the special tokens of `added_tokens_decoder`
+    at their real ids (they rename pieces, e.g. 92542 [UNUSED_TOKEN_145] -> <|im_end|>, never append).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    model_dir = Path(model_dir)
+    proto = _read_sentencepiece(model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    renamed = {int(i): t for i, t in config.get("added_tokens_decoder", {}).items()}
+    pieces = [p.piece for p in proto.pieces]
+    for index, token in renamed.items():
+        if index >= len(pieces):
+            raise ConversionError(f"{config_path}: added_tokens_decoder names id {index}, but {model_dir}/tokenizer.model "
+                                  f"has only {len(pieces)} pieces; the two files come from different models.")
+        pieces[index] = token["content"]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    whole = {i for i, p in enumerate(proto.pieces) if p.type in (2, 3, 4)} | set(renamed)  # unk, control, user-defined
+    scores = {pieces[i]: p.score for i, p in enumerate(proto.pieces) if i not in whole}
+    merges = generate_merges(vocab, scores, skip_tokens={pieces[i] for i in whole})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=proto.trainer_spec.unk_piece, fuse_unk=True,
+                                   byte_fallback=proto.trainer_spec.byte_fallback))
+    backend.normalizer = normalizers.Replace(" ", "▁")  # add_dummy_prefix false: no "▁" in front of the text
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_tokens([AddedToken(pieces[i], normalized=False, special=bool(renamed[i].get("special", True))
+                                   if i in renamed else proto.pieces[i].type != 4) for i in sorted(whole)])
+    named = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    extra = [t for t in (_token_text(t) for t in config.get("additional_special_tokens", [])) if t]
+    extra += [t["content"] for _, t in sorted(renamed.items()) if t.get("special", True)
+              and t["content"] not in extra and t["content"] not in named.values()]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{k: v for k, v in named.items() if v}, additional_special_tokens=extra,
+        add_bos_token=bool(config.get("add_bos_token", True)), add_eos_token=bool(config.get("add_eos_token", False)),
+        clean_up_tokenization_spaces=False, model_max_length=config.get("model_max_length", 32768),
+        padding_side=config.get("padding_side", "right"))
+    if config.get("chat_template"):
+        tokenizer.chat_template = config["chat_template"]
+    if len(tokenizer) != len(proto.pieces):
+        raise ConversionError(f"{config_path}: its special tokens would add ids beyond the {len(proto.pieces)} pieces of "
+                              "tokenizer.model; name them in added_tokens_decoder at the ids they rename.")
+    return tokenizer
+
+
+def _read_sentencepiece(model_dir: Path):
+    """The ModelProto of model_dir/tokenizer.model, or one sentence saying why it cannot be read."""
+    path = model_dir / "tokenizer.model"
+    try:
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+        return SentencePieceExtractor(str(path)).proto
+    except ImportError as e:
+        raise ConversionError(f"{model_dir}: reading its tokenizer.model needs the sentencepiece and protobuf packages "
+                              f"({e}); install them: pip install sentencepiece protobuf.") from None
+    except FileNotFoundError:
+        raise ConversionError(f"{model_dir}: has no tokenizer.model (nor tokenizer.json); copy the tokenizer files "
+                              "from the model's repository.") from None
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not a sentencepiece model
+        raise ConversionError(f"{path}: cannot be read as a sentencepiece model ({type(e).__name__}); the download is "
+                              "probably incomplete (a git-lfs pointer?): download tokenizer.model again.") from None
+
+
+def _convert_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer in a form transformers reads without remote code, and a generation_config that stops
+    where the chat template ends a turn."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .template import stop_token_ids
+
+    if (src / "tokenizer.json").exists():  # a fast tokenizer already: keep it, point its config at a built-in class
+        for f in src.iterdir():
+            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens"))
+                                or f.name == "chat_template.jinja"):
+                shutil.copy2(f, dst / f.name)
+        tok_cfg_path = dst / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+        tok_cfg.pop("auto_map", None)
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=1))
+        tokenizer = AutoTokenizer.from_pretrained(str(dst))
+    else:
+        tokenizer = internlm2_tokenizer(src)
+        tokenizer.save_pretrained(str(dst))
+    generation = GenerationConfig.from_pretrained(src) if (src / "generation_config.json").exists() else \
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    eos = generation.eos_token_id if generation.eos_token_id is not None else []
+    eos = eos if isinstance(eos, list) else [eos]
+    if tokenizer.chat_template:  # a chat model: its end-of-turn token must stop generation
+        eos += [i for i in stop_token_ids(tokenizer) if i not in eos]
+    generation.eos_token_id = eos
+    generation.save_pretrained(str(dst))
 
 
 def convert_internlm2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
