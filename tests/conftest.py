@@ -48,6 +48,25 @@ def tiny_model_dir():
 
 
 @pytest.fixture(scope="session")
+def internlm2_standin():
+    """A folder laid out like internlm2-chat-1_8b (real tokenizer.model and config files, remote code that must
+    not run, tiny random weights in InternLM2's layout), built once per session."""
+    from internlm2_standin import build_standin
+
+    path = _SESSION_DIR / "internlm2-chat-1_8b"
+    build_standin(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def internlm2_converted(internlm2_standin):
+    """The stand-in converted once to the Llama layout, as notebook 00 does."""
+    from helpers.internlm2 import convert_internlm2
+
+    return convert_internlm2(internlm2_standin, _SESSION_DIR / "internlm2-converted")
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir():
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
