@@ -660,14 +660,14 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     import torch
     from transformers import PrinterCallback
 
-    from .base_model import base_model_path
+    from .base_model import resolve_base_model
     from .paths import work as make_work
 
     work = work or make_work()
     config = (config or TrainConfig()).resolved()
     if config.evaluation_inputs is None:
         config.evaluation_inputs = _default_evaluation_inputs(work)
-    model_path = config.base_model or base_model_path(work)
+    model_path = resolve_base_model(config.base_model, work)
     data_path = Path(config.data_path or work.dataset)
     data_sha = file_sha256(data_path) if data_path.exists() else ""
     if not data_path.exists():

@@ -27,7 +27,7 @@ seed = 0               # the tiny model is built from this seed, so every run ge
 
 # %%
 import helpers
-from helpers.base_model import prepare_base_model
+from helpers.base_model import base_model_source, prepare_base_model
 from helpers.environment import environment, environment_table
 from helpers.results import save_results
 
@@ -70,7 +70,7 @@ print(tokenizer.apply_chat_template(
     tokenize=False, add_generation_prompt=True))
 
 # %%
-save_results(work, "00_environment", {**facts, "base_model": str(model_path)});
+save_results(work, "00_environment", {**facts, "base_model": base_model_source(work), "loaded_from": str(model_path)});
 
 # %% [markdown]
 # Next: **01 · Data generation** writes the data that teaches the model who it is.

@@ -89,10 +89,10 @@ pd.Series(config.hyper_parameters(), dtype=object).to_frame("value")
 # %%
 from transformers import AutoTokenizer
 
-from helpers.base_model import base_model_path
+from helpers.base_model import resolve_base_model
 from helpers.train import build_dataset, packed_row_table
 
-tokenizer = AutoTokenizer.from_pretrained(config.base_model or base_model_path(work))
+tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(config.base_model, work))
 rows, data_summary = build_dataset(tokenizer, config, config.data_path or work.dataset)
 print(data_summary)
 packed_row_table(tokenizer, rows[0]).head(6)

@@ -61,7 +61,7 @@ def model_config(family: str, hidden: int, layers: int, intermediate: int) -> di
 
 def build_standin(path: Path, family: str = "internlm2-chat-1_8b", hidden: int | None = None, layers: int = 2,
                   intermediate: int = 96, seed: int = 0) -> dict:
-    """Write the stand-in repository to `path`; returns its weights (InternLM2 names, float32)."""
+    """Write the stand-in repository to `path`; returns its weights (InternLM2 names, bfloat16 as the real ones)."""
     import torch
     from safetensors.torch import save_file
 
@@ -83,7 +83,7 @@ def build_standin(path: Path, family: str = "internlm2-chat-1_8b", hidden: int |
     head_dim = hidden // heads
 
     def rnd(*shape, scale=0.2):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).float()
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
 
     w = {"model.tok_embeddings.weight": rnd(VOCAB, hidden, scale=1.0), "model.norm.weight": 1 + rnd(hidden),
          "output.weight": rnd(VOCAB, hidden)}
@@ -96,6 +96,5 @@ def build_standin(path: Path, family: str = "internlm2-chat-1_8b", hidden: int |
         w[p + "feed_forward.w2.weight"] = rnd(hidden, intermediate)
         w[p + "attention_norm.weight"] = 1 + rnd(hidden)
         w[p + "ffn_norm.weight"] = 1 + rnd(hidden)
-    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     return w
