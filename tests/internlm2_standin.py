@@ -85,15 +85,20 @@ def build_standin(path: Path, family: str = "internlm2-chat-1_8b", hidden: int |
     def rnd(*shape, scale=0.2):
         return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
 
-    w = {"model.tok_embeddings.weight": rnd(VOCAB, hidden, scale=1.0), "model.norm.weight": 1 + rnd(hidden),
-         "output.weight": rnd(VOCAB, hidden)}
+    # Every token's state keeps a shared direction `up`, and <|im_end|>'s output row points along it: the model ends
+    # its turn as soon as it may, as a chat model does, so answers are short and generation must stop at 92542.
+    up = torch.randn(hidden, generator=g)
+    up = up / up.norm()
+    w = {"model.tok_embeddings.weight": (4 * up + rnd(VOCAB, hidden, scale=0.1).float()).to(torch.bfloat16),
+         "model.norm.weight": 1 + rnd(hidden), "output.weight": rnd(VOCAB, hidden, scale=0.05)}
+    w["output.weight"][92542] = up.to(torch.bfloat16)
     for i in range(layers):
         p = f"model.layers.{i}."
         w[p + "attention.wqkv.weight"] = rnd((heads + 2 * kv) * head_dim, hidden)
-        w[p + "attention.wo.weight"] = rnd(hidden, heads * head_dim)
+        w[p + "attention.wo.weight"] = rnd(hidden, heads * head_dim, scale=0.02)
         w[p + "feed_forward.w1.weight"] = rnd(intermediate, hidden)
         w[p + "feed_forward.w3.weight"] = rnd(intermediate, hidden)
-        w[p + "feed_forward.w2.weight"] = rnd(hidden, intermediate)
+        w[p + "feed_forward.w2.weight"] = rnd(hidden, intermediate, scale=0.02)
         w[p + "attention_norm.weight"] = 1 + rnd(hidden)
         w[p + "ffn_norm.weight"] = 1 + rnd(hidden)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})

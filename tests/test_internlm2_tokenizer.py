@@ -90,8 +90,8 @@ def test_generation_config_and_stop_ids_agree(internlm2_converted, tokenizer):
     assert set(stop_ids(type("M", (), {"generation_config": config})(), tokenizer)) == {2, 92542}
 
 
-class EndsTurnAfter(torch.nn.Module):
-    """The random model's output layer, made to say <|im_end|> after `n` tokens of each reply."""
+class HoldsTurnFor(torch.nn.Module):
+    """The stand-in's output layer, kept from saying <|im_end|> (which it says as soon as it may) for `n` tokens."""
 
     def __init__(self, head, n: int):
         super().__init__()
@@ -100,9 +100,8 @@ class EndsTurnAfter(torch.nn.Module):
     def forward(self, hidden):
         logits = self.head(hidden)
         self.calls += 1  # call 1 reads the prompt and gives the first token
-        if self.calls == self.n + 1:
-            logits[:, -1, :] = -1e9
-            logits[:, -1, 92542] = 1e9
+        if self.calls <= self.n:
+            logits[:, -1, 92542] = -1e9
         return logits
 
 
@@ -113,20 +112,20 @@ def test_generation_stops_at_im_end(internlm2_converted, tokenizer):
     from helpers.generation import generate_answers
 
     model = AutoModelForCausalLM.from_pretrained(internlm2_converted, dtype=torch.float32)
-    model.lm_head = head = EndsTurnAfter(model.lm_head, 2)
+    model.lm_head = head = HoldsTurnFor(model.lm_head, 2)
     enc = tokenizer.apply_chat_template([{"role": "user", "content": "你是谁"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     start = enc["input_ids"].shape[1]
     out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=model.generation_config.eos_token_id)
     assert out[0, start:].tolist()[-1] == 92542 and out.shape[1] == start + 3
     expected = tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
+    assert expected and "<|im_end|>" not in expected and "UNUSED" not in expected
     head.calls = 0
     assert generate_answers(model, tokenizer, ["你是谁"], max_new_tokens=12) == [expected]
     head.calls = 0  # the chat CLI / notebook widget / web demo path: the same stop ids, streamed
     assert ChatSession(model, tokenizer, settings=GenerationSettings(max_new_tokens=12)).ask("你是谁") == expected
-    assert "<|im_end|>" not in expected and "UNUSED" not in expected
-    head.calls, head.n = 0, 99  # the contrast: with no end of turn it runs to max_new_tokens
-    assert generate_answers(model, tokenizer, ["你是谁"], max_new_tokens=12) != [expected]
+    head.calls = 0  # the contrast: stopping only at </s> (the bug this guards against), it runs to max_new_tokens
+    assert model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=[2]).shape[1] == start + 12
 
 
 @pytest.mark.parametrize("family", ["internlm2-chat-7b", "internlm2-chat-20b", "internlm2_5-7b-chat"])
