@@ -35,7 +35,7 @@ PRESETS = {
                  epochs=1, max_steps=150, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=16, lora_alpha=32,
                  lora_dropout=0.0, target_modules="all-linear", train_lm_head=True, quantization="auto", evaluation_freq=25,
                  save_steps=50, save_total_limit=3, gradient_checkpointing=False, logging_steps=5,
-                 max_new_tokens=48, cpu_threads=1),
+                 max_new_tokens=128, cpu_threads=1),
     # The course's homework settings for a real model (internlm2-chat-1.8b and friends) on a GPU.
     "homework": dict(max_length=1024, pack_to_max_length=True, batch_size=1, gradient_accumulation=16, lr=2e-4,
                      epochs=2, max_steps=-1, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=64, lora_alpha=16,
