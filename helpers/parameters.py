@@ -23,6 +23,8 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOA
 
 def parse_value(text: str):
     """One -p value or CSV cell: numbers (2e-4, .5, 10), booleans, None, lists as YAML; anything else stays text."""
+    if text.strip() == "None":  # the notebooks' own word for "not set"
+        return None
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:

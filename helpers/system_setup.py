@@ -86,7 +86,8 @@ def install_hint(items: list[str]) -> str:
         return "brew install " + " ".join(p for i in items for p in PACKAGES[i].get("brew", [i]))
     if os.environ.get("CONDA_PREFIX"):
         return "conda install -c conda-forge " + " ".join(p for i in items for p in PACKAGES[i].get("conda", [i]))
-    return "sudo apt-get install " + " ".join(p for i in items for p in PACKAGES[i].get("apt", [i]))
+    sudo = "" if hasattr(os, "geteuid") and os.geteuid() == 0 else "sudo "
+    return f"{sudo}apt-get install " + " ".join(p for i in items for p in PACKAGES[i].get("apt", [i]))
 
 
 def refresh_font_caches() -> None:
