@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WORK ?= work
 ARGS ?=
 
-.PHONY: run test venv notebooks clean
+.PHONY: run test venv notebooks clean system-run system-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,10 +14,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: venv  ## run every notebook headless on the embedded tiny model into $(WORK)
+# git, git-lfs, a CJK font (and a browser for the tests): installed where the set-up can (apt-get as root,
+# conda, brew); otherwise it stops here, before anything runs, saying what to install.
+system-run system-test:
+	python3 helpers/system_setup.py $(@:system-%=%)
+
+run: system-run venv  ## run every notebook headless on the embedded tiny model into $(WORK)
 	$(PY) -m helpers run --work-dir $(WORK) $(ARGS)
 
-test: venv  ## unit tests, the headless pipeline, and nbval over notebooks/
+test: system-test venv  ## unit tests, the headless pipeline, and nbval over notebooks/
 	$(PY) -m pytest tests --nbval-lax notebooks $(ARGS)
 
 notebooks: venv  ## rewrite notebooks/*.ipynb from their .py sources

@@ -115,6 +115,19 @@ def record_to_messages(record, where: str) -> list[dict]:
             _check_text(msg["content"], f"{field}.content'", allow_empty=msg["role"] == "system")
         if not any(msg["role"] == "assistant" for msg in messages):
             raise DataError(f"{where}: field 'messages' has no assistant turn; add the answer to train on.")
+        # The chat template renders what comes before each answer as its prompt: that needs a user turn first,
+        # and user and assistant taking turns (system messages may come before any user turn).
+        previous = None
+        for m, msg in enumerate(messages):
+            if msg["role"] == "system":
+                continue
+            if previous is None and msg["role"] == "assistant":
+                raise DataError(f"{where}: field 'messages[{m}]' is the assistant's, but no user message comes before "
+                                "it; start the conversation with the user's question.")
+            if msg["role"] == previous:
+                raise DataError(f"{where}: field 'messages[{m}]' is a second {previous} message in a row; user and "
+                                f"assistant must take turns, so merge the two or add the missing turn between them.")
+            previous = msg["role"]
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     raise DataError(
         f"{where} has keys {sorted(record)} but needs 'conversation' (XTuner) or 'messages' (OpenAI); rename the key."
@@ -171,6 +184,14 @@ def make_dataset(
 
     general_ratio: share of general-chat samples mixed in (0.2 = one in five), against over-fitting.
     """
+    from .parameters import check_value
+
+    for label, value, kind in (("name", name, str), ("answer_template", answer_template, str), ("system", system, str)):
+        check_value(label, value, kind, error=DataError)
+    repeats = check_value("repeats", repeats, int, minimum=1, error=DataError)
+    questions = check_value("questions", questions, list, items=str, optional=True, error=DataError)
+    general_ratio = check_value("general_ratio", general_ratio, float, error=DataError)
+    seed = check_value("seed", seed, int, error=DataError)
     if "{name}" not in answer_template:
         raise DataError("answer_template has no '{name}' placeholder; write e.g. '我是{name}的小助手'.")
     if not isinstance(name, str) or not name.strip():

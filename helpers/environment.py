@@ -66,3 +66,45 @@ def environment_table(facts: dict):
     import pandas as pd
 
     return pd.DataFrame({"value": {k: str(v) for k, v in facts.items()}})
+
+
+def preflight() -> list[dict]:
+    """What the later notebooks need from this machine beyond Python packages: a row per check, ✓ or ✗,
+    the fix for a ✗ and the notebooks it affects (`make run` / `make test` install the system parts)."""
+    import subprocess
+
+    from .plots import cjk_font_name
+    from .system_setup import install_hint
+
+    def git_lfs() -> str | None:
+        try:
+            out = subprocess.run(["git", "lfs", "version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.split(" (")[0].strip() if out.returncode == 0 else None
+
+    font = cjk_font_name()
+    browser = all(os.path.exists(p) for p in ("/usr/bin/chromium", "/usr/bin/chromedriver"))
+    ok4, why4 = can_run_4bit()
+    streamlit = _version("streamlit")
+    checks = [
+        ("git", shutil.which("git") is not None, "git found" if shutil.which("git") else "not found",
+         install_hint(["git"]), "06 (publish)"),
+        ("git-lfs", git_lfs() is not None, git_lfs() or "not found",
+         f"{install_hint(['git-lfs'])}, then git lfs install", "06 (the push; the app bundle is built without it)"),
+        ("CJK font for matplotlib", font is not None, font or "none: Chinese in plots shows as boxes",
+         install_hint(["a CJK font"]), "02 (loss plot), the report"),
+        ("streamlit", streamlit != "not installed", streamlit, "pip install streamlit", "04 (web demo), 06 (app)"),
+        ("browser for the web test", browser, "chromium + chromedriver" if browser else "not found",
+         install_hint(["chromium + chromedriver"]), "the tests of the web demo and app (make test)"),
+        ("GPU / 4-bit QLoRA", ok4, why4, "a CUDA GPU and pip install -e .[gpu]",
+         "02 and 05 with a real model (the tiny course runs without)"),
+    ]
+    return [{"check": name, "status": "✓" if ok else "✗", "found": found, "fix": "" if ok else fix,
+             "affects": "" if ok else affects} for name, ok, found, fix, affects in checks]
+
+
+def preflight_table(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows).set_index("check")

@@ -111,6 +111,29 @@ def generation_config_with_stops(model_dir: Path, tokenizer):
     return config
 
 
+def untie_output_layer(model) -> bool:
+    """Give an adapted output layer its own weights when it shares them with the input embedding; True if it did.
+
+    Tied embeddings (Qwen2.5-0.5B/1.5B) are one matrix: merging the output-layer adapter into it would change the
+    input embedding too. So the merged model is untied: the input embedding stays the base's, the output layer is
+    a copy of it with the adapter merged in (config.tie_word_embeddings becomes False).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    output, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    if not isinstance(output, BaseTunerLayer) or embedding is None:
+        return False
+    layer = output.get_base_layer()
+    if layer.weight.data_ptr() != embedding.weight.data_ptr():
+        return False
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
 def dir_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -148,6 +171,7 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
     tokenizer = load_tokenizer(base_model, adapter)
     generation_config = generation_config_with_stops(base_model, tokenizer)
     model = load_model(base_model, adapter, dtype=dtype, device="cpu")
+    untie_output_layer(model)
     merged = model.merge_and_unload()
     merged.generation_config = generation_config
     with staged_dir(final_model) as tmp:

@@ -149,6 +149,11 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
 
     The git history of an earlier build is kept, so the next push sends only what changed.
     """
+    from .parameters import check_value
+
+    for name, value, optional in (("model_name", model_name, False), ("license", license, False),
+                                  ("base_model_id", base_model, True), ("remote_url", repo_url, True)):
+        check_value(name, value, str, optional=optional, error=PublishError)
     source = Path(model_dir) if model_dir else work.final_model
     try:
         check_model_dir(source)
@@ -194,7 +199,9 @@ def _safe_url(url: str) -> str:
 
 
 def _check_url(url: str) -> str:
-    if not url or not isinstance(url, str):
+    if url and not isinstance(url, str):
+        raise PublishError(f"remote_url is {url!r} ({type(url).__name__}); give the git URL as text in quotes.")
+    if not url:
         raise PublishError("remote_url is empty; give the git URL of the model repository (https://..., or file:///...).")
     parts = urlsplit(url)
     if parts.scheme in ("http", "https") and parts.password:
@@ -320,7 +327,7 @@ def hub_token(remote_url: str, env: str = TOKEN_ENV, prompt: bool | None = None)
 def default_remote(work: Work) -> str:
     """A local bare repository WORK/publish/remote.git as a file:// URL (created when missing): the offline target."""
     bare = work.publish_remote
-    if not (bare / "HEAD").exists():
+    if not (bare / "HEAD").exists() and shutil.which("git"):  # without git the push says what to install
         with staged_dir(bare) as tmp:
             subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp)], check=True, capture_output=True)
     return bare.resolve().as_uri()
@@ -382,8 +389,11 @@ def push_folder(repo_dir: str | os.PathLike, remote_url: str, token: str | None 
     Only what the remote lacks is sent; an interrupted push is finished by running this again. The result is
     returned only after the remote's branch was read back and equals the pushed commit.
     """
+    from .parameters import check_value
+
     repo_dir = Path(repo_dir)
     url = _check_url(remote_url)
+    check_value("branch", branch, str, error=PublishError)
     require_git_lfs()
     if not repo_dir.is_dir():
         raise PublishError(f"{repo_dir}: no such folder; build the model repository first (build_model_repo).")
@@ -533,6 +543,10 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
     fetch_model.py, app_config.json, requirements.txt, packages.txt and a README with the deploy steps."""
     from jinja2 import Template
 
+    from .parameters import check_value
+
+    check_value("app_title", title, str, error=PublishError)
+    check_value("branch", revision, str, error=PublishError)
     if not WEB_APP.exists():
         raise PublishError(f"{WEB_APP} is missing; the app bundle copies the chat demo from there.")
     url = _safe_url(_check_url(model_repo_url))

@@ -6,8 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from .paths import NOTEBOOKS_DIR, work as make_work
 
 
@@ -25,13 +23,10 @@ def course_notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def _typed(value: str, declared_type: str | None):
-    """A -p value as YAML (numbers, lists, booleans), except where the notebook declares a string."""
-    if declared_type == "str":
-        return value
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
+    """A -p value as YAML with numbers as people write them (2e-4, .5), except where the notebook declares a string."""
+    from .parameters import parse_value
+
+    return value if declared_type == "str" else parse_value(value)
 
 
 def _readable_parameters() -> None:
@@ -116,11 +111,13 @@ def add_command(sub) -> None:
 def _run(args) -> int:
     params = {}
     if args.params_file:
-        loaded = yaml.safe_load(Path(args.params_file).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            print(f"error: {args.params_file} must be a YAML mapping of NAME: VALUE.", file=sys.stderr)
+        from .parameters import ParameterError, read_params_file
+
+        try:
+            params.update(read_params_file(args.params_file))
+        except ParameterError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        params.update(loaded)
     params.update(dict(args.param))
     only = args.only.split(",") if args.only else None
     if args.class_file:

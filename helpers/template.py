@@ -17,12 +17,16 @@ class TemplateError(ValueError):
 
 
 def to_messages(conversation: list[dict], system: str | None = None) -> list[dict]:
-    """XTuner 'conversation' turns -> chat messages (system, then user/assistant pairs)."""
+    """XTuner 'conversation' turns -> chat messages (system, then user/assistant pairs).
+
+    A non-empty `system` in a later turn becomes a system message before that turn's input, where XTuner
+    renders it too; `system` (if given) replaces the first turn's.
+    """
     messages = []
-    first_system = system if system is not None else conversation[0].get("system", "")
-    if first_system:
-        messages.append({"role": "system", "content": first_system})
-    for turn in conversation:
+    for i, turn in enumerate(conversation):
+        turn_system = system if i == 0 and system is not None else turn.get("system", "")
+        if turn_system:
+            messages.append({"role": "system", "content": turn_system})
         messages.append({"role": "user", "content": turn["input"]})
         if "output" in turn:
             messages.append({"role": "assistant", "content": turn["output"]})

@@ -14,7 +14,8 @@ from .paths import staged_dir
 from .template import INTERNLM2_CHAT_TEMPLATE, END_OF_TURN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", END_OF_TURN, "<image>"]
-BUILD_VERSION = 1  # bump when the recipe below changes, so cached builds are rebuilt
+CJK_CHARACTER = r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]"  # CJK scripts, symbols and full-width forms
+BUILD_VERSION = 2  # bump when the recipe below changes, so cached builds are rebuilt
 RECORD_FILE = "course_model.json"
 
 # The base model's own, generic identity; the fine-tune replaces it with the personal one.
@@ -37,14 +38,19 @@ def _pretraining_conversations() -> list[list[dict]]:
 
 def build_tokenizer(vocab_size: int = 2000):
     """A byte-level BPE tokenizer (any Unicode round-trips) with the InternLM2 chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [t for conv in _pretraining_conversations() for t in (conv[0]["content"], conv[1]["content"])]
     corpus += DEFAULT_QUESTIONS + DEFAULT_EVALUATION_INPUTS + [DEFAULT_ANSWER, "system", "user", "assistant"]
     corpus += ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,!?;:'\"()[]{}-_/\\@#$%^&*+=<>~`|"]
     bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each CJK character is a word of its own, so no merge spans characters: left alone, BPE on this small
+    # corpus turns whole sentences into one token ("我是一个AI助手"), and a fine-tune that must change a sentence
+    # at its second character cannot win against a memorised one-token answer.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -35,7 +35,7 @@ PRESETS = {
                  epochs=1, max_steps=150, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=16, lora_alpha=32,
                  lora_dropout=0.0, target_modules="all-linear", train_lm_head=True, quantization="auto", evaluation_freq=25,
                  save_steps=50, save_total_limit=3, gradient_checkpointing=False, logging_steps=5,
-                 max_new_tokens=48, cpu_threads=1),
+                 max_new_tokens=128, cpu_threads=1),
     # The course's homework settings for a real model (internlm2-chat-1.8b and friends) on a GPU.
     "homework": dict(max_length=1024, pack_to_max_length=True, batch_size=1, gradient_accumulation=16, lr=2e-4,
                      epochs=2, max_steps=-1, warmup_ratio=0.03, max_grad_norm=1.0, lora_r=64, lora_alpha=16,
@@ -91,13 +91,7 @@ class TrainConfig:
         values = {k: (PRESETS[self.preset][k] if getattr(self, k) is None and k in PRESETS[self.preset]
                       else getattr(self, k)) for k in (f.name for f in dataclasses.fields(self))}
         cfg = TrainConfig(**values)
-        if cfg.quantization not in QUANTIZATIONS:
-            raise TrainConfigError(f"quantization is {cfg.quantization!r}; use 'auto', 'nf4' or 'none'.")
-        for name in ("max_length", "batch_size", "gradient_accumulation", "lora_r", "evaluation_freq", "save_steps"):
-            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-                raise TrainConfigError(f"{name} is {getattr(cfg, name)!r}; use a whole number of at least 1.")
-        if not cfg.lr or cfg.lr <= 0:
-            raise TrainConfigError(f"lr is {cfg.lr!r}; use a positive learning rate such as 2e-4.")
+        cfg._check_types()
         if (cfg.max_steps is None or cfg.max_steps <= 0) and not (cfg.epochs and cfg.epochs > 0):
             raise TrainConfigError("neither max_steps nor epochs is positive; set epochs = 2 or max_steps = 300.")
         words = {"true": True, "yes": True, "false": False, "no": False, "none": False}
@@ -106,6 +100,37 @@ class TrainConfig:
         if cfg.resume not in ("auto", True, False):
             raise TrainConfigError(f"resume is {cfg.resume!r}; use 'auto', True or False.")
         return cfg
+
+    def _check_types(self) -> None:
+        """Every knob's type and range, where it enters (a -p value or a notebook edit): one sentence if wrong."""
+        from .parameters import check_value
+
+        def check(name, kind, **rules):
+            setattr(self, name, check_value(name, getattr(self, name), kind, error=TrainConfigError, **rules))
+
+        for name in ("base_model", "data_path"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+            check(name, str, optional=True)
+        for name in ("max_length", "batch_size", "gradient_accumulation", "lora_r", "evaluation_freq", "save_steps",
+                     "logging_steps", "max_new_tokens", "save_total_limit"):
+            check(name, int, minimum=1)
+        for name in ("pack_to_max_length", "train_lm_head", "gradient_checkpointing"):
+            check(name, bool)
+        check("quantization", str, choices=QUANTIZATIONS)
+        check("lr", float, above=0)
+        check("epochs", (int, float), minimum=0)
+        check("max_steps", int, minimum=-1)
+        check("warmup_ratio", float, minimum=0, below=1)
+        check("max_grad_norm", float, above=0)
+        check("lora_alpha", (int, float), above=0)
+        check("lora_dropout", float, minimum=0, below=1)
+        check("target_modules", (str, list), items=str)
+        check("evaluation_inputs", list, items=str, optional=True)
+        check("system", str)
+        check("cpu_threads", int, minimum=0)
+        check("seed", int, minimum=0)
+        check("extra", dict)
 
     def hyper_parameters(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume",)}

@@ -44,6 +44,17 @@ environment_table(facts)
 print(f"recommended preset: {facts['recommended_preset']}\n{facts['recommendation']}")
 
 # %% [markdown]
+# ## Pre-flight: what the later notebooks need from this machine
+# Besides Python packages, the course uses a few tools of the machine itself. A ✗ says how to fix it and which
+# notebooks it affects (`make run` installs git, git-lfs and the font itself where it can).
+
+# %%
+from helpers.environment import preflight, preflight_table
+
+facts["preflight"] = preflight()
+preflight_table(facts["preflight"])
+
+# %% [markdown]
 # ## The base model
 #
 # With `base_model = "tiny"` the kit builds its own small chat model (a 2-layer Llama with a byte-level BPE

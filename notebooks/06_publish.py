@@ -74,15 +74,22 @@ print((repo / ".gitattributes").read_text())
 #
 # The push sends the LFS objects first, then the commit, and reads the remote's branch back: only then
 # is it reported as pushed. Running it again sends only what changed; an interrupted push is finished
-# by running the cell again.
+# by running the cell again. When the push cannot run here (no git-lfs, no token, an unreachable hub), the
+# cell says why and the rest of the notebook (the app bundle) is still built.
 
 # %%
+from helpers.publish import PublishError
+
 target_url = remote_url or default_remote(work)  # the publish target
-token = hub_token(target_url)
-push = push_model_repo(work, target_url, token=token, branch=branch)
-print(f"pushed commit {push.commit} to {push.remote} ({push.branch})")
-print(f"sent: {push.commits_sent} commit(s), {push.git_objects_sent} git objects, "
-      f"{len(push.lfs_objects_sent)} LFS object(s)")
+try:
+    token = hub_token(target_url)
+    push = push_model_repo(work, target_url, token=token, branch=branch)
+    print(f"pushed commit {push.commit} to {push.remote} ({push.branch})")
+    print(f"sent: {push.commits_sent} commit(s), {push.git_objects_sent} git objects, "
+          f"{len(push.lfs_objects_sent)} LFS object(s)")
+except PublishError as e:
+    push, token, not_pushed = None, None, str(e)
+    print(f"NOT pushed: {not_pushed}\nThe model repository above and the app bundle below are built all the same.")
 
 # %% [markdown]
 # ## What the remote holds
@@ -93,12 +100,12 @@ print(f"sent: {push.commits_sent} commit(s), {push.git_objects_sent} git objects
 import pandas as pd
 
 verified = None
-if verify:
+if verify and push:
     from helpers.publish import verify_push
 
     verified = verify_push(repo, target_url, token=token, branch=branch)
     display(pd.Series(verified, name="verification").to_frame())
-pd.DataFrame(lfs_files(repo))
+pd.DataFrame(lfs_files(repo) if push else [])
 
 # %% [markdown]
 # ## Alternative: upload through huggingface_hub
@@ -140,8 +147,9 @@ print(f"app pushed: {app_push.commit} to {app_push.remote}" if app_push else "ap
 from helpers.results import save_results
 
 save_results(work, "06_publish", {
-    **push.to_dict(), "push": push.to_dict(), "model_repo": str(repo), "files": repo_files(repo),
-    "lfs_objects": lfs_files(repo), "verified": verified, "hub_upload": hub_upload, "app": str(app),
+    **(push.to_dict() if push else {}), "push": push.to_dict() if push else {"pushed": False, "reason": not_pushed},
+    "model_repo": str(repo), "files": repo_files(repo),
+    "lfs_objects": lfs_files(repo) if push else [], "verified": verified, "hub_upload": hub_upload, "app": str(app),
     "app_files": sorted(p.name for p in app.iterdir() if p.name != ".git"),
     "app_push": app_push.to_dict() if app_push else None});
 

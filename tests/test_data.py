@@ -54,6 +54,17 @@ def test_jsonl_accepted(tmp_path):
     ('[{"messages": [{"role": "bot", "content": "x"}]}]', "role' is 'bot'; use one of system, user, assistant"),
     ('[{"messages": [{"role": "user", "content": "x"}]}]', "has no assistant turn"),
     ('[{"conversation": [{"input": "a", "output": "b"}]}', "the list is not closed"),
+    ('[{"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]}]',
+     "messages[0]' is the assistant's, but no user message comes before it"),
+    ('[{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]}]',
+     "messages[1]' is the assistant's, but no user message comes before it"),
+    ('[{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "a2"}, '
+     '{"role": "assistant", "content": "b"}]}]', "messages[1]' is a second user message in a row"),
+    ('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}]', "messages[2]' is a second assistant message in a row"),
+    ('[{"messages": []}]', "field 'messages' must be a non-empty list"),
+    ('[{"conversation": [{"system": "s", "input": "a", "output": "b"}, {"system": 3, "input": "c", "output": "d"}]}]',
+     "conversation[1].system' is int"),
 ])
 def test_bad_input_gives_one_sentence(tmp_path, text, expected):
     p = write(tmp_path, text)
@@ -88,3 +99,33 @@ def test_loss_mask_covers_only_answers_and_stop_token(tiny_model_dir):
     enc = encode_messages(tok, msgs)
     assert tok.decode(enc["input_ids"]) == tok.apply_chat_template(msgs, tokenize=False)
     assert trained_text(tok, msgs) == "答1<|im_end|>答2<|im_end|>"
+
+
+def test_what_validate_data_passes_trains(tmp_path, tiny_model_dir):
+    """Every record validate-data accepts renders with the chat template and has tokens to train on."""
+    from transformers import AutoTokenizer
+
+    from helpers.train import TrainConfig, build_dataset
+
+    records = [
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "a2"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "system", "content": "s2"}, {"role": "user", "content": "c"},
+                      {"role": "assistant", "content": "d"}]},
+        {"conversation": [{"system": "s", "input": "a", "output": "b"}, {"system": "s2", "input": "c", "output": "d"}]},
+    ]
+    p = write(tmp_path, json.dumps(records, ensure_ascii=False))
+    assert validate_data(p)["records"] == 3
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows, summary = build_dataset(tok, TrainConfig(max_length=256).resolved(), p)
+    assert summary["samples"] == 3 and summary["trained_tokens"] > 0
+
+
+def test_a_later_xtuner_system_is_kept_where_xtuner_renders_it(tmp_path):
+    p = write(tmp_path, json.dumps([{"conversation": [
+        {"system": "S1", "input": "a", "output": "b"}, {"system": "S2", "input": "c", "output": "d"},
+        {"input": "e", "output": "f"}]}]))
+    roles = [(m["role"], m["content"]) for m in load_dataset(p)[0]]
+    assert roles == [("system", "S1"), ("user", "a"), ("assistant", "b"), ("system", "S2"), ("user", "c"),
+                     ("assistant", "d"), ("user", "e"), ("assistant", "f")]

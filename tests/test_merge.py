@@ -148,3 +148,39 @@ def test_course_merge_results(course_work):
     results = load_results(course_work, "03_merge")
     assert results["passed"] is True and results["max_abs_diff"] <= results["tolerance"]
     assert (course_work.final_model / "config.json").exists()
+
+
+def test_tied_embeddings_train_merge_and_pass_the_merge_check(tiny_model_dir, tmp_path):
+    """A base whose input and output embeddings are one matrix (as Qwen2.5-0.5B/1.5B): the course trains LoRA on
+    the output layer too (tiny preset); the merged model keeps the base's input embedding and passes the check."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from helpers.data import make_dataset
+    from helpers.merge import merge, verify_merge
+    from helpers.paths import work as make_work
+    from helpers.train import TrainConfig, train
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    base = tmp_path / "tied-base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    work = make_work(tmp_path / "work")
+    make_dataset(work.dataset, name="小蓝", repeats=16)
+    result = train(TrainConfig(base_model=str(base), max_steps=6, lr=5e-2, evaluation_freq=100, save_steps=100), work)
+    assert "lm_head" in json.loads((work.adapter / "adapter_config.json").read_text())["target_modules"]
+    merge(base, work.adapter, work.final_model)
+    check = verify_merge(work.final_model, base, work.adapter)
+    assert check["passed"] and check["adapter_effect_max_abs"] > 100 * check["max_abs_diff"], check
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(work.final_model / "model.safetensors"))
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"])  # the adapter is in the head
+    assert json.loads((work.final_model / "config.json").read_text())["tie_word_embeddings"] is False
+    assert result["steps"] == 6

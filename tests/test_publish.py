@@ -282,6 +282,26 @@ def test_missing_git_lfs_is_one_sentence(final_work, tmp_path, monkeypatch):
     assert remote_head(url) is None
 
 
+def test_notebook_06_builds_card_and_app_without_git_lfs_and_says_why(final_work, tmp_path, monkeypatch):
+    import sys
+
+    from helpers.runner import run_course
+
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "git").symlink_to(shutil.which("git"))
+    for name in ("python", "python3"):
+        (tools / name).symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(tools))
+    assert run_course(final_work.root, only=["06"], quiet=True) == 0
+    monkeypatch.undo()
+    results = json.loads(final_work.result("06_publish").read_text())
+    assert results["push"]["pushed"] is False and results["push"]["reason"].startswith("git-lfs is not installed")
+    assert (final_work.model_repo / "README.md").exists() and (final_work.app / "app.py").exists()
+    executed = (final_work.executed / "06_publish.ipynb").read_text(encoding="utf-8")
+    assert "NOT pushed: git-lfs is not installed" in executed
+
+
 # ---------------------------------------------------------------- a token-checking HTTP git server
 class _GitHTTP(http.server.BaseHTTPRequestHandler):
     """Smart HTTP through `git http-backend`, behind Basic auth with one accepted token."""
