@@ -317,6 +317,10 @@ def web_demo_transcript(model_dir, messages: list[str], system: str = ""):
 
     from .web_app import MODEL_DIR_ENV
 
+    import logging
+
+    # AppTest runs the page without a server; streamlit warns about that on every call ("bare mode")
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
     old = os.environ.get(MODEL_DIR_ENV)
     os.environ[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
     try:

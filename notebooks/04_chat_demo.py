@@ -26,7 +26,7 @@ temperature = 0.0          # 0: greedy; > 0 samples
 top_p = 1.0                # nucleus sampling share, used when temperature > 0
 demo_messages = ["你是谁", "你好"]  # sent through the widget in headless runs, to show a conversation
 contrast = True            # also train the over-fitted contrast adapter (identity only, no general chat; seconds on tiny)
-contrast_repeats = 10000   # identity records in the contrast data (the course's 10000)
+contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
 contrast_steps = None      # its updates (None: the preset's, as notebook 02)
 
 # %%
@@ -51,7 +51,9 @@ print("expected identity:", identity, "\nsystem prompt:", repr(system))
 # The course's first runs showed what training on one sentence thousands of times does: the model answers
 # *every* question with it (a "复读机", a repeating machine). Notebook 01 mixed general chat in to prevent that.
 # To see that the check below can tell the two apart, we train that failure on purpose: the identity alone
-# (`general_ratio = 0`, `contrast_repeats` records), the same recipe as notebook 02, into `WORK/contrast`.
+# (`general_ratio = 0`, twice as many identity records), the same recipe as notebook 02, into `WORK/contrast`.
+# (The tiny preset's 150 updates read about a thousand packed records, so it is the missing general chat, not
+# the count, that makes the difference here; on a real run with `epochs`, more repeats are more updates too.)
 
 # %%
 from helpers.contrast import overfitted_run
@@ -60,7 +62,8 @@ from helpers.results import read_results
 overfitted = None
 if contrast:
     overfitted = overfitted_run(work, data_results["name"], data_results["answer_template"],
-                                data_results["questions"], system, repeats=contrast_repeats, max_steps=contrast_steps,
+                                data_results["questions"], system, max_steps=contrast_steps,
+                                repeats=contrast_repeats or 2 * data_results["identity_records"],
                                 preset=(read_results(work, "02_qlora_finetune") or {}).get("preset", "tiny"))
     print(f"contrast: {overfitted['steps']} updates on identity-only data, loss {overfitted['final_loss']:.3f}")
 

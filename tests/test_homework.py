@@ -127,6 +127,16 @@ def test_blanking_keeps_indentation_and_hints():
         exec(compile(out, "student", "exec"), {})
 
 
+def test_blanking_names_each_assignment_of_a_multi_line_region():
+    src = ("### BEGIN SOLUTION\nmy_changes = dict(  # the knobs you change\n    lr=1e-3,\n    lora_r=8,\n)\n"
+           "name: str = \"Ada\"  # whose assistant\n### END SOLUTION\nprint(my_changes)")
+    out, n = blank_solutions(src)
+    assert n == 1 and out.split("\n") == ["# TODO: your part (write it here).",
+                                          "# - set `my_changes`: the knobs you change",
+                                          "# - set `name`: whose assistant", "raise NotImplementedError",
+                                          "print(my_changes)"]  # not `lr` or `lora_r`: they are keywords
+
+
 @pytest.mark.parametrize("source, problem", [
     ("### BEGIN SOLUTION\nx = 1", "line 1: '### BEGIN SOLUTION' is never closed"),
     ("x = 1\n### END SOLUTION", "line 2: '### END SOLUTION' without"),
