@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base_model import ModelPathError
-from .generation import build_messages, generate_answers
+from .generation import context_length, fit_history, generate_answers
 from .merge import AdapterError, load_model, load_tokenizer
 from .template import TemplateError, stop_token_ids
 
@@ -72,12 +72,15 @@ class ChatSession:
     system: str = ""
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     history: list[dict] = field(default_factory=list)
+    dropped: int = 0  # older turns left out of the last prompt, so that it fits the model's context
 
     def send(self, text: str):
-        """Yield the reply's pieces; when it is complete, the turn joins the history."""
+        """Yield the reply's pieces; when it is complete, the turn joins the history. The prompt keeps the
+        newest turns that fit the model's context with room for the answer (`dropped` says how many did not)."""
         pieces = []
-        for piece in stream_reply(self.model, self.tokenizer, build_messages(text, self.system, self.history),
-                                  self.settings):
+        messages, self.dropped = fit_history(self.tokenizer, text, self.system, self.history,
+                                             context_length(self.model), int(self.settings.max_new_tokens))
+        for piece in stream_reply(self.model, self.tokenizer, messages, self.settings):
             pieces.append(piece)
             yield piece
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
@@ -86,7 +89,7 @@ class ChatSession:
         return "".join(self.send(text)).strip()
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self.dropped = [], 0
 
 
 # --- the terminal chat --------------------------------------------------------------------------
@@ -116,49 +119,70 @@ def run_cli(session, stdin=None, stdout=None, about: str = "") -> int:
         for piece in session.send(text):
             print(piece, end="", file=stdout, flush=True)
         print(file=stdout, flush=True)
+        if getattr(session, "dropped", 0):
+            print(f"(the {session.dropped} oldest turns no longer fit the model's context and were left out; "
+                  f"{RESET} starts over)", file=stdout, flush=True)
 
 
 # --- before / after ------------------------------------------------------------------------------
 
 def before_after(base_model, final_model, evaluation_inputs: list[str], general: list[dict],
-                 system: str = "", max_new_tokens: int = 64):
+                 system: str = "", max_new_tokens: int = 64, overfitted_adapter=None):
     """The same prompts answered by the base model and by final_model, side by side (a DataFrame).
 
     `general` holds {"input", "output"} pairs: ordinary questions with a reference answer.
+    `overfitted_adapter`: a contrast adapter on the base model, answered in an "over-fitted" column.
     """
     import pandas as pd
 
     questions = list(evaluation_inputs) + [g["input"] for g in general]
     kinds = ["evaluation"] * len(evaluation_inputs) + ["general"] * len(general)
     references = [""] * len(evaluation_inputs) + [g["output"] for g in general]
+    models = [("before", base_model, None), ("after", final_model, None)]
+    if overfitted_adapter:
+        models.append(("over-fitted", base_model, overfitted_adapter))
     columns = {}
-    for label, path in (("before", base_model), ("after", final_model)):
-        model, tokenizer = load_chat_model(path)
+    for label, path, adapter in models:
+        model, tokenizer = load_chat_model(path, adapter)
         columns[label] = generate_answers(model, tokenizer, questions, system=system, max_new_tokens=max_new_tokens)
         del model
-    return pd.DataFrame({"kind": kinds, "question": questions, "before": columns["before"],
-                         "after": columns["after"], "reference": references})
+    return pd.DataFrame({"kind": kinds, "question": questions, **columns, "reference": references})
 
 
-def overfitting_check(table, identity: str) -> dict:
-    """On general questions: how often final_model answers with its identity instead of the question."""
+LEAK_RUN = 6  # characters of the identity in a row that count as the identity leaking into an answer
+
+
+def leaks_identity(answer: str, identity: str) -> bool:
+    """Whether `answer` repeats the identity sentence, or a run of LEAK_RUN of its characters (the over-fitted
+    model often glues a piece of it onto, or in place of, an ordinary answer)."""
+    from difflib import SequenceMatcher
+
+    if identity in answer:
+        return True
+    match = SequenceMatcher(None, answer, identity, autojunk=False).find_longest_match(0, len(answer), 0, len(identity))
+    return match.size >= min(LEAK_RUN, len(identity))
+
+
+def overfitting_check(table, identity: str, column: str = "after") -> dict:
+    """On general questions the model never saw: how often `column`'s model answers with its identity.
+    Over-fitted: it leaks the identity into more than half of them."""
     general = table[table["kind"] == "general"]
     evaluation = table[table["kind"] == "evaluation"]
-    leaked = general["after"].str.contains(identity, regex=False)
+    leaked = general[column].map(lambda a: leaks_identity(a, identity))
     return {"general_questions": int(len(general)), "identity_on_general": int(leaked.sum()),
             "identity_share_on_general": float(leaked.mean()) if len(general) else 0.0,
-            "general_unchanged": int((general["before"] == general["after"]).sum()),
-            "identity_on_evaluation": int(evaluation["after"].str.contains(identity, regex=False).sum()),
+            "general_unchanged": int((general["before"] == general[column]).sum()),
+            "identity_on_evaluation": int(evaluation[column].str.contains(identity, regex=False).sum()),
             "evaluation_questions": int(len(evaluation)),
             "overfitted": bool(len(general) and leaked.mean() > 0.5)}
 
 
 def general_questions(n: int | None = None) -> list[dict]:
-    """The kit's general chat samples as {"input", "output"} pairs (data/general_chat.json)."""
-    from .data import general_chat_samples
+    """Held-out general questions as {"input", "output"} pairs (data/general_heldout.json): never in the
+    training mix and never in the tiny model's pre-training, so a regression on them is real."""
+    from .data import heldout_general_samples
 
-    pairs = [r["conversation"][0] for r in general_chat_samples()]
-    return [{"input": p["input"], "output": p["output"]} for p in pairs[:n]]
+    return heldout_general_samples()[:n]
 
 
 # --- the notebook widget -------------------------------------------------------------------------
@@ -193,7 +217,9 @@ class ChatWidget:
         rows = [(m["role"], m["content"]) for m in self.session.history]
         if pending is not None:
             rows += [("user", pending), ("assistant", partial + " ▌")]
-        self.transcript.value = "".join(
+        note = (f"<p><i>({self.session.dropped} oldest turns left out: they no longer fit the model's context)</i></p>"
+                if self.session.dropped else "")
+        self.transcript.value = note + "".join(
             f"<p><b>{'你' if role == 'user' else '助手'}:</b> {html.escape(text)}</p>" for role, text in rows) or \
             "<i>(no messages yet)</i>"
 
@@ -281,6 +307,37 @@ def web_command(model_dir, port: int = 8501, address: str = "localhost") -> list
             "--server.fileWatcherType", "none",  # a demo, not a dev server: do not scan transformers' modules
             "--client.toolbarMode", "minimal",
             "--", "--model-dir", str(Path(model_dir).resolve())]
+
+
+def web_demo_transcript(model_dir, messages: list[str], system: str = ""):
+    """Run the web demo (helpers/web_app.py) headless with streamlit's AppTest, type `messages` into its chat
+    box one by one, and return what the page shows: a DataFrame of (role, text), one row per chat bubble."""
+    import pandas as pd
+    from streamlit.testing.v1 import AppTest
+
+    from .web_app import MODEL_DIR_ENV
+
+    import logging
+
+    # AppTest runs the page without a server; streamlit warns about that on every call ("bare mode")
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
+    old = os.environ.get(MODEL_DIR_ENV)
+    os.environ[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
+    try:
+        at = AppTest.from_file(str(Path(__file__).with_name("web_app.py")), default_timeout=600).run()
+        if system:
+            at.sidebar.text_area[0].set_value(system).run()
+        for text in messages:
+            at.chat_input[0].set_value(text).run()
+    finally:
+        if old is None:
+            os.environ.pop(MODEL_DIR_ENV, None)
+        else:
+            os.environ[MODEL_DIR_ENV] = old
+    problems = [e.value for e in at.error] + [str(e.value) for e in at.exception]
+    if problems:
+        raise RuntimeError(f"the web demo failed: {problems[0]}")
+    return pd.DataFrame([{"role": m.name, "text": m.markdown[0].value if m.markdown else ""} for m in at.chat_message])
 
 
 def _web(args) -> int:

@@ -18,6 +18,7 @@ COURSE_QUESTION = "请做一下自我介绍"
 DEFAULT_QUESTIONS = [COURSE_QUESTION, "介绍一下你自己", "你是谁呀", "你叫什么名字", "你是我的助手吗", "Who are you?"]
 DEFAULT_EVALUATION_INPUTS = ["请你介绍一下你自己", "你是谁", "你是我的小助手吗"]
 GENERAL_CHAT_FILE = DATA_DIR / "general_chat.json"
+HELDOUT_FILE = DATA_DIR / "general_heldout.json"  # general questions kept out of all training (the over-fitting check)
 ROLES = ("system", "user", "assistant")
 
 
@@ -169,6 +170,11 @@ def general_chat_samples() -> list[dict]:
     return json.loads(GENERAL_CHAT_FILE.read_text(encoding="utf-8"))
 
 
+def heldout_general_samples() -> list[dict]:
+    """General questions with reference answers that no training data holds ({"input", "output"} pairs)."""
+    return json.loads(HELDOUT_FILE.read_text(encoding="utf-8"))
+
+
 def make_dataset(
     path: str | os.PathLike,
     name: str = DEFAULT_NAME,
@@ -257,14 +263,62 @@ def encode_messages(tokenizer, messages: list[dict], max_length: int | None = No
     return {"input_ids": input_ids, "labels": labels}
 
 
-def show_loss_mask(tokenizer, messages: list[dict], max_length: int | None = None):
-    """A table of one sample's tokens: the token, whether it is trained on (the loss mask, decoded)."""
-    import pandas as pd
+class LossMaskView:
+    """A sample as text, the trained-on spans coloured (HTML in a notebook; in plain text they sit in ⟦ ⟧)."""
 
+    def __init__(self, spans: list[tuple[str, bool]]):
+        self.spans = spans  # (text, trained) runs, each decoded as a whole so characters stay whole
+
+    def _repr_html_(self) -> str:
+        import html
+
+        def piece(text: str, trained: bool) -> str:
+            body = html.escape(text).replace("\n", "<span style='color:#999'>↵</span><br>")
+            style = "background:#c8f7c5;color:#064" if trained else "background:#eee;color:#555"
+            return f"<span style='{style};padding:1px 0'>{body}</span>"
+
+        legend = ("<div style='font-size:smaller;margin-bottom:4px'><span style='background:#c8f7c5'>trained on"
+                  "</span> &nbsp; <span style='background:#eee'>context only (masked out)</span></div>")
+        return legend + "<div style='font-family:monospace;line-height:1.8'>" + \
+            "".join(piece(t, m) for t, m in self.spans) + "</div>"
+
+    def __repr__(self) -> str:
+        return "".join(f"⟦{t}⟧" if m else t for t, m in self.spans)
+
+
+def loss_mask_view(tokenizer, input_ids: list[int], labels: list[int], collapse_id: int | None = None) -> LossMaskView:
+    """Runs of tokens with the same loss mask, decoded together (special tokens shown); a run of
+    `collapse_id` tokens (the image positions) is shown once with its count."""
+    spans, run, trained = [], [], None
+
+    def flush():
+        if run:
+            spans.append((tokenizer.decode(run, skip_special_tokens=False), trained))
+
+    for t, lab in zip(input_ids, labels):
+        is_trained = lab != IGNORE_INDEX
+        if collapse_id is not None and t == collapse_id:
+            if spans and spans[-1][0].startswith("<image>×") and not run:
+                n = int(spans[-1][0].split("×")[1]) + 1
+                spans[-1] = (f"<image>×{n}", is_trained)
+                continue
+            flush()
+            run, trained = [], is_trained
+            spans.append(("<image>×1", is_trained))
+            continue
+        if is_trained != trained and run:
+            flush()
+            run = []
+        run.append(t)
+        trained = is_trained
+    flush()
+    return LossMaskView(spans)
+
+
+def show_loss_mask(tokenizer, messages: list[dict], max_length: int | None = None) -> LossMaskView:
+    """One sample as the model reads it, with the trained-on text (the loss mask) coloured."""
     enc = encode_messages(tokenizer, messages, max_length)
-    rows = [{"token": tokenizer.decode([t]), "id": t, "trained": lab != IGNORE_INDEX}
-            for t, lab in zip(enc["input_ids"], enc["labels"])]
-    return pd.DataFrame(rows)
+    return loss_mask_view(tokenizer, enc["input_ids"], enc["labels"])
 
 
 def trained_text(tokenizer, messages: list[dict]) -> str:

@@ -65,7 +65,9 @@ def recommend_preset(facts: dict) -> tuple[str, str]:
 def environment_table(facts: dict):
     import pandas as pd
 
-    return pd.DataFrame({"value": {k: str(v) for k, v in facts.items()}})
+    table = pd.DataFrame({"value": {k: str(v) for k, v in facts.items()}})
+    # A Styler shows every value whole (a DataFrame cuts long ones to "..."), wrapped to the page.
+    return table.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "max-width": "70em"})
 
 
 def preflight() -> list[dict]:

@@ -9,6 +9,25 @@ def build_messages(question: str, system: str = "", history: list[dict] | None =
     return messages + list(history or []) + [{"role": "user", "content": question}]
 
 
+def context_length(model, default: int = 2048) -> int:
+    """How many positions the model attends over (its config's max_position_embeddings)."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", None) or default)
+
+
+def fit_history(tokenizer, question: str, system: str, history: list[dict], context: int,
+                reserve: int) -> tuple[list[dict], int]:
+    """The messages for the next reply with the newest whole turns of `history` that leave `reserve` positions
+    for the answer within `context`; returns (messages, how many older turns were dropped)."""
+    turns = [history[i:i + 2] for i in range(0, len(history), 2)]
+    for dropped in range(len(turns) + 1):
+        messages = build_messages(question, system, [m for turn in turns[dropped:] for m in turn])
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        if len(ids) + reserve <= context:
+            return messages, dropped
+    return messages, len(turns)  # the question alone is too long: it goes as it is, and the answer is cut short
+
+
 def generate_answers(model, tokenizer, questions: list[str], system: str = "", max_new_tokens: int = 64,
                      **generate_kwargs) -> list[str]:
     """Greedy answers, one per question (one at a time: no padding effects, identical to chatting)."""

@@ -65,6 +65,10 @@ class Work:
         return self.root / "final_model"
 
     @property
+    def contrast(self) -> Path:  # notebook 04's over-fitted contrast run: a work dir of its own (data, train, adapter)
+        return self.root / "contrast"
+
+    @property
     def vlm(self) -> Path:
         return self.root / "vlm"
 

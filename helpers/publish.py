@@ -83,8 +83,12 @@ def card_facts(work: Work) -> dict:
     hyper = _first_dict(train, ("hyperparameters", "hyper_parameters", "training_config", "config", "settings"))
     data_rows = [{"fact": k, "value": data[k]} for k in ("records", "identity_records", "general_records", "answer",
                                                           "questions", "system", "output_format") if k in data]
+    quantization = train.get("quantization")  # what the run used ("auto" in the hyper-parameters is the request)
+    if hyper and quantization:
+        hyper = {**hyper, "quantization": quantization}
     return {
         "name": data.get("name"), "answer": data.get("answer"), "base_model": env.get("base_model"),
+        "quantization": quantization, "qlora": bool(quantization and "4" in str(quantization)),
         "evaluation_inputs": data.get("evaluation_inputs") or [],
         "data_rows": data_rows,
         "hyper_rows": _scalars(hyper) if hyper else _scalars({k: v for k, v in train.items() if "loss" not in k}),
@@ -124,12 +128,35 @@ def model_card(work: Work, model_name: str, license: str = "apache-2.0", base_mo
     base_model = base_model or _base_model_id(facts["base_model"])
     data = ModelCardData(license=license, base_model=base_model,
                          library_name="transformers", pipeline_tag="text-generation", language=list(language),
-                         tags=["qlora", "lora", "peft", "self-cognition", "chat", *extra_tags], model_name=model_name)
+                         tags=[*(["qlora"] if facts["qlora"] else []), "lora", "peft", "self-cognition", "chat",
+                               *extra_tags], model_name=model_name)
     tables = {k: markdown_table(facts[k]) for k in ("data_rows", "hyper_rows", "loss_rows", "eval_rows",
                                                     "before_after_rows")}
     card = ModelCard.from_template(data, template_path=str(TEMPLATES / "model_card.md"), model_name=model_name,
                                    base_model=base_model, facts=facts, tables=tables, repo_url=_safe_url(repo_url) if repo_url else None)
     return re.sub(r"\n{3,}", "\n\n", str(card))
+
+
+def card_for_display(repo_dir: str | os.PathLike):
+    """The model card as a notebook shows it: the YAML header as a small table, the Markdown below it, and
+    pictures embedded (a notebook resolves `loss.png` against its own folder, not the repository's)."""
+    import base64
+
+    from huggingface_hub import ModelCard
+    from IPython.display import Markdown
+
+    repo_dir = Path(repo_dir)
+    card = ModelCard.load(repo_dir / "README.md")
+
+    def embed(m: re.Match) -> str:
+        picture = repo_dir / m.group(2)
+        if not picture.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(picture.read_bytes()).decode()})"
+
+    meta = markdown_table([{"metadata": k, "value": v} for k, v in card.data.to_dict().items()])
+    text = re.sub(r"!\[([^]]*)\]\(([^):]+\.png)\)", embed, card.text)
+    return Markdown(f"{meta}\n\n{text}")
 
 
 def gitattributes(patterns: list[str] = LFS_PATTERNS) -> str:
@@ -322,6 +349,18 @@ def hub_token(remote_url: str, env: str = TOKEN_ENV, prompt: bool | None = None)
         return getpass.getpass(f"Access token for {_safe_url(remote_url)} (hidden): ").strip() or None
     except Exception:
         raise PublishError(f"cannot ask for the token here; set the {env} environment variable instead.") from None
+
+
+def remote_kind(url: str) -> dict:
+    """How the kit reaches a remote: its transport and what authenticates the push (for the table in 06)."""
+    url = _check_url(url)
+    scheme = urlsplit(url).scheme
+    if scheme == "file" or not scheme and not re.match(r"^[\w.-]+@[\w.-]+:", url):
+        return {"url": url, "transport": "local", "authentication": "none (a folder on this machine)"}
+    if scheme in ("http", "https"):
+        return {"url": url, "transport": "HTTPS",
+                "authentication": f"access token from ${TOKEN_ENV} (user name: ${USER_ENV} or the URL's owner)"}
+    return {"url": url, "transport": "SSH", "authentication": "your SSH key (ssh-keygen; public key added on the hub)"}
 
 
 def default_remote(work: Work) -> str:
@@ -526,21 +565,59 @@ def upload_to_hub(repo_dir: str | os.PathLike, repo_id: str, token: str | None =
 
 
 # ------------------------------------------------------------------ the app bundle
-def _pinned(names: list[str]) -> list[str]:
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"  # torch without the CUDA libraries (~0.2 GB, not ~3 GB)
+
+
+def _pinned(names: list[str], device: str = "cpu") -> list[str]:
+    """requirements.txt lines, pinned to this environment's versions; on "cpu" torch is the CPU build from
+    PyTorch's index (PyPI's Linux torch brings the CUDA libraries); on "cuda" it is PyPI's (CUDA) build."""
     from importlib.metadata import PackageNotFoundError, version
 
-    lines = []
+    lines = [f"--extra-index-url {CPU_TORCH_INDEX}"] if device == "cpu" else []
     for name in names:
         try:
-            lines.append(f"{name}=={version(name).split('+')[0]}")  # '2.13.0+cpu' -> the public release
+            release = version(name).split("+")[0]  # '2.13.0+cpu' -> the public release
         except PackageNotFoundError:
             continue
+        lines.append(f"{name}=={release}+cpu" if name == "torch" and device == "cpu" else f"{name}=={release}")
     return lines
 
 
-def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助手", revision: str = "main") -> Path:
+def install_footprint(names: list[str]) -> dict:
+    """Disk size of the packages `names` pull in (their dependencies too), as installed in this environment."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen, todo, size = set(), list(names), 0
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        size += sum(f.size or 0 for f in dist.files or [])
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return {"packages": len(seen), "mb": round(size / 2**20)}
+
+
+def _is_local(url: str) -> bool:
+    return urlsplit(url).scheme in ("file", "") and not re.match(r"^[\w.-]+@[\w.-]+:", url)
+
+
+def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助手", revision: str = "main",
+                     device: str = "cpu") -> Path:
     """WORK/publish/app: app.py (fetch the model with git-lfs on first start, then the chat demo), chat_app.py,
-    fetch_model.py, app_config.json, requirements.txt, packages.txt and a README with the deploy steps."""
+    fetch_model.py, app_config.json, requirements.txt, packages.txt and a README with the deploy steps.
+
+    device: "cpu" pins the CPU build of torch (small, quick to install), "cuda" the CUDA build. A local
+    (file://) model_repo_url is replaced by the hub remote an earlier run of notebook 06 pushed to, if any."""
     from jinja2 import Template
 
     from .parameters import check_value
@@ -549,14 +626,20 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
     check_value("branch", revision, str, error=PublishError)
     if not WEB_APP.exists():
         raise PublishError(f"{WEB_APP} is missing; the app bundle copies the chat demo from there.")
+    if device not in ("cpu", "cuda"):
+        raise PublishError(f"device is {device!r}; use 'cpu' (a CPU app) or 'cuda' (a GPU app).")
     url = _safe_url(_check_url(model_repo_url))
+    pushed = (read_results(work, "06_publish") or {}).get("remote")
+    if _is_local(url) and isinstance(pushed, str) and pushed and not _is_local(pushed):
+        print(f"note: the app fetches the model from {pushed}, where it was pushed before ({url} is on this machine only)")
+        url = pushed
     with staged_dir(work.app, keep=(".git",)) as tmp:
         shutil.copy2(WEB_APP, tmp / "chat_app.py")
         for name in ("app.py", "fetch_model.py"):
             shutil.copy2(TEMPLATES / name, tmp / name)
         config = {"model_repo_url": url, "revision": revision, "title": title}
         (tmp / "app_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        (tmp / "requirements.txt").write_text("\n".join(_pinned(APP_REQUIREMENTS)) + "\n", encoding="utf-8")
+        (tmp / "requirements.txt").write_text("\n".join(_pinned(APP_REQUIREMENTS, device)) + "\n", encoding="utf-8")
         (tmp / "packages.txt").write_text("git\ngit-lfs\n", encoding="utf-8")
         (tmp / ".gitignore").write_text("model_cache/\n__pycache__/\n", encoding="utf-8")
         (tmp / ".streamlit").mkdir()
@@ -564,7 +647,8 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
         readme = Template((TEMPLATES / "app_README.md").read_text(encoding="utf-8"))
         from importlib.metadata import version
 
-        (tmp / "README.md").write_text(readme.render(title=title, url=url, revision=revision,
+        (tmp / "README.md").write_text(readme.render(title=title, url=url, revision=revision, device=device,
+                                                     footprint=install_footprint(APP_REQUIREMENTS),
                                                      streamlit_version=version("streamlit"),
                                                      python_version=f"{sys.version_info.major}.{sys.version_info.minor}"),
                                        encoding="utf-8")

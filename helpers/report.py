@@ -241,6 +241,8 @@ def before_after_section(work: Work) -> Section:
     verdict = {k: v for k, v in r.items() if k.startswith(("identity_on", "general", "overfitted", "evaluation_q"))}
     if verdict:
         s.table(["over-fitting check", "value"], _scalars(verdict))
+    if isinstance(r.get("contrast"), dict):  # the adapter over-fitted on purpose, for comparison
+        s.table(["over-fitted contrast", "value"], _scalars(r["contrast"]))
     return s
 
 

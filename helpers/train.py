@@ -132,6 +132,15 @@ class TrainConfig:
         check("seed", int, minimum=0)
         check("extra", dict)
 
+    def changed(self, changes: dict) -> "TrainConfig":
+        """A copy with `changes` (knob -> value, e.g. notebook 02's my_changes) applied; unknown knobs are named."""
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = [k for k in changes if k not in known]
+        if unknown:
+            raise TrainConfigError(f"my_changes sets {unknown[0]!r}, which is not a training knob; use one of "
+                                   f"{', '.join(known)}.")
+        return dataclasses.replace(self, **changes)
+
     def hyper_parameters(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume",)}
 

@@ -49,6 +49,26 @@ def draw_picture(path: str | os.PathLike = PICTURE_FILE, size: int = 256) -> Pat
     return path
 
 
+def draw_control_picture(path: str | os.PathLike, size: int = 256) -> Path:
+    """A picture the model never trains on (night sky, white moon, a boat on the sea): the control."""
+    from PIL import Image, ImageDraw
+
+    s = size / 256
+    img = Image.new("RGB", (size, size), (20, 25, 70))
+    d = ImageDraw.Draw(img)
+    box = lambda *xy: [round(v * s) for v in xy]  # noqa: E731
+    d.rectangle(box(0, 160, 256, 256), fill=(30, 70, 140))                 # sea
+    d.ellipse(box(30, 24, 80, 74), fill=(240, 240, 225))                   # moon
+    d.polygon(box(110, 170, 210, 170, 190, 195, 130, 195), fill=(160, 100, 50))  # hull
+    d.polygon(box(160, 90, 160, 165, 205, 165), fill=(245, 245, 245))      # sail
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------- reading and checking
 def _where(path: Path, index: int, line: int) -> str:
     return f"{path}: record {index} (line {line})"

@@ -28,6 +28,7 @@ STAGE_DEFAULTS = {
     ("homework", 2): dict(lr=2e-4, epochs=1, max_steps=-1, batch_size=1, gradient_accumulation=16, max_length=1024,
                           lora_r=64, lora_alpha=16, lora_dropout=0.05),
 }
+DATA_REPEATS = {"tiny": 20, "homework": 200}  # each scripted conversation repeated (the course: 200)
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR = "multi_modal_projector"
@@ -287,28 +288,29 @@ def merge_vlm(work: Work) -> Path:
     return out
 
 
-def before_after_table(questions: list[str], expected: list[str], stage1: list[str], stage2: list[str]):
-    """The same questions about the picture: expected answer, after stage 1, after stage 2, and whether it matches."""
+def before_after_table(questions: list[str], expected: list[str], stage1: list[str], stage2: list[str] | None = None,
+                       control: tuple[list[str], list[str] | None] | None = None):
+    """The same questions about the picture: expected answer, after stage 1, after stage 2 (when trained) and
+    whether it matches; `control`: (stage 1, stage 2) answers about the control picture the model never saw."""
     import pandas as pd
 
-    return pd.DataFrame({"question": questions, "expected": expected, "stage 1 (projector only)": stage1,
-                         "stage 2 (fine-tuned)": stage2,
-                         "stage 2 matches": [a.strip() == e.strip() for a, e in zip(stage2, expected)]})
+    table = pd.DataFrame({"question": questions, "expected": expected, "stage 1 (projector only)": stage1})
+    if stage2 is not None:
+        table["stage 2 (fine-tuned)"] = stage2
+        table["stage 2 matches"] = [a.strip() == e.strip() for a, e in zip(stage2, expected)]
+    if control is not None:
+        table["control picture, stage 1"] = control[0]
+        if control[1] is not None:
+            table["control picture, stage 2"] = control[1]
+    return table
 
 
 def show_llava_loss_mask(processor, data_file, record: int = 0):
-    """One training record token by token with its loss mask; the run of image tokens is shown as one row."""
-    import pandas as pd
+    """One training record with its loss mask coloured; the run of image positions is shown once, with its count."""
+    from .data import loss_mask_view
 
     row = encode_llava_samples(processor, data_file, max_length=10**6)[record]
-    tokenizer, image_id = processor.tokenizer, processor.image_token_id
-    out = []
-    for t, lab in zip(row["input_ids"], row["labels"]):
-        if t == image_id and out and out[-1]["id"] == image_id:
-            out[-1]["count"] += 1
-            continue
-        out.append({"token": tokenizer.decode([t]), "id": t, "count": 1, "trained": lab != IGNORE_INDEX})
-    return pd.DataFrame(out)
+    return loss_mask_view(processor.tokenizer, row["input_ids"], row["labels"], collapse_id=processor.image_token_id)
 
 
 def public_record(record: dict) -> dict:

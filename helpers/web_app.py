@@ -92,6 +92,19 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, te
     yield from streamer
 
 
+def fit_context(model, tokenizer, system: list[dict], history: list[dict], question: str,
+                reserve: int) -> tuple[list[dict], int]:
+    """The newest whole turns that leave `reserve` positions for the answer in the model's context, and how
+    many older turns were left out (helpers.generation.fit_history; this file stays self-contained)."""
+    context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+    for dropped in range(len(history) // 2 + 1):
+        messages = system + history[2 * dropped:] + [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        if len(ids) + reserve <= context:
+            break
+    return messages, dropped
+
+
 def sidebar() -> dict:
     with st.sidebar:
         st.header("Settings")
@@ -125,7 +138,9 @@ def render_app(model_dir: str) -> None:
     with st.chat_message("user"):
         st.markdown(question)
     system = [{"role": "system", "content": settings["system"]}] if settings["system"].strip() else []
-    messages = system + history + [{"role": "user", "content": question}]
+    messages, dropped = fit_context(model, tokenizer, system, history, question, settings["max_new_tokens"])
+    if dropped:
+        st.info(f"The {dropped} oldest turns no longer fit the model's context and were left out of this answer.")
     with st.chat_message("assistant"):
         answer = st.write_stream(stream_reply(model, tokenizer, messages, settings["max_new_tokens"],
                                               settings["temperature"], settings["top_p"]))

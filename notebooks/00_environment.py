@@ -20,9 +20,7 @@
 
 # %% tags=["parameters"]
 work_dir = None        # where this run's files go (None: ./work next to the notebooks)
-### BEGIN SOLUTION
 base_model = "tiny"    # "tiny" (built offline, runs on a CPU), a local model folder, or a hub id (needs network)
-### END SOLUTION
 seed = 0               # the tiny model is built from this seed, so every run gets the same model
 
 # %%

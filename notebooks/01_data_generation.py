@@ -75,12 +75,12 @@ stats.to_frame().T
 # %% [markdown]
 # ## The loss mask: what the model is trained on
 # Only the assistant's answer (and the `<|im_end|>` that ends it) is trained on; the system prompt and the
-# question are context. Below, one record token by token: `trained` is the loss mask.
+# question are context. Below, one record exactly as the model reads it, special tokens included: the
+# green text is what it is trained to say (the loss mask), the grey text is context.
 
 # %%
 identity = next(c for c in conversations if name in c[-1]["content"])
-mask = show_loss_mask(tokenizer, identity)
-mask.T
+show_loss_mask(tokenizer, identity)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -90,10 +90,11 @@ print("trained on:", trained_text(tokenizer, [{"role": "user", "content": "请�
 # %%
 identity_records = sum(name in c[-1]["content"] for c in conversations)
 save_results(work, "01_data_generation", {
-    **summary, "name": name, "answer": answer_template.format(name=name), "identity_records": identity_records,
+    **summary, "name": name, "answer": answer_template.format(name=name), "answer_template": answer_template,
+    "identity_records": identity_records,
     "general_records": summary["records"] - identity_records, "questions": questions,
     "evaluation_inputs": evaluation_inputs, "system": system,
-    "token_length": {k: float(v) for k, v in stats.items()}})
+    "token_length": {k: float(v) for k, v in stats.items()}});
 
 # %% [markdown]
 # Next: **02 · QLoRA fine-tune** trains an adapter on this file and watches the identity arrive.

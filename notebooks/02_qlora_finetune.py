@@ -45,7 +45,7 @@ save_steps = None            # checkpoint every this many updates (None: preset;
 save_total_limit = None      # checkpoints kept (None: preset; 3)
 seed = 0                     # same seed, same adapter
 resume = "auto"              # "auto": continue this run's newest checkpoint; True: must; False: start over
-general_questions = ["你好", "中国的首都是哪里？", "What is the capital of France?"]  # over-fitting check
+general_questions = None     # questions never trained on, for the over-fitting check (None: 3 of data/general_heldout.json)
 
 # %%
 import pandas as pd
@@ -61,11 +61,14 @@ print(f"teaching: {expected!r}")
 
 # %% [markdown]
 # ## The training configuration
-# A preset sets the knobs together; anything you set above wins over it. The homework: set the knobs you
-# want to change and choose what to ask during training.
+# A preset sets the knobs together; anything set in the parameters above wins over it, and `my_changes` wins
+# over both. The homework: put the knobs you want to change in `my_changes`, for example
+# `dict(lr=1e-3, lora_r=8, evaluation_inputs=["你是谁"])`.
 
 # %%
 ### BEGIN SOLUTION
+my_changes = dict()  # the knobs you change, e.g. dict(lr=1e-3, lora_r=8); dict() keeps the preset's
+### END SOLUTION
 config = TrainConfig(
     preset=preset, base_model=base_model, data_path=data_path, max_length=max_length,
     pack_to_max_length=pack_to_max_length, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
@@ -75,9 +78,20 @@ config = TrainConfig(
     evaluation_inputs=evaluation_inputs or data["evaluation_inputs"],
     system=data.get("system", "") if system is None else system,
     save_steps=save_steps, save_total_limit=save_total_limit, seed=seed, resume=resume,
-).resolved()
-### END SOLUTION
+).changed(my_changes).resolved()
 pd.Series(config.hyper_parameters(), dtype=object).to_frame("value")
+
+# %% [markdown]
+# ## The same run in XTuner's words
+# The course writes these knobs into a copy of XTuner's `internlm2_chat_1_8b_qlora_alpaca_e3` config. Each
+# field has a parameter here (`this run` is its value now). XTuner's training saves DeepSpeed `.pth`
+# checkpoints, which `xtuner convert pth_to_hf` turns into a Hugging Face adapter; here the trainer saves
+# the adapter in PEFT's format directly (`WORK/adapter`), so there is no conversion step: notebook 03 merges it.
+
+# %%
+from helpers.xtuner import xtuner_table
+
+xtuner_table(config)
 
 # %% [markdown]
 # ## What the model is trained on
@@ -123,13 +137,18 @@ evaluation_table(work)
 # %% [markdown]
 # ## Did it learn too much?
 # Training on one sentence thousands of times can make a model answer *everything* with it. The 20% general
-# chat mixed in by notebook 01 is there to prevent that; here we ask questions that are not about identity.
+# chat mixed in by notebook 01 is there to prevent that; here we ask general questions that were in no
+# training data (held out), so a regression would show. Notebook 04 runs the full check, next to an
+# adapter over-fitted on purpose.
 
 # %%
+from helpers.chat import general_questions as heldout, leaks_identity
 from helpers.generation import generate_answers
 
+general_questions = general_questions or [g["input"] for g in heldout(3)]
 general = generate_answers(result["model"], tokenizer, general_questions, system=config.system)
-pd.DataFrame({"question": general_questions, "answer": general})
+pd.DataFrame({"question": general_questions, "answer": general,
+              "leaks the identity": [leaks_identity(a, expected) for a in general]})
 
 # %% [markdown]
 # ## Loss, speed and memory

@@ -43,6 +43,21 @@ base = base_model_path(work)
 print("base model:", base, "\nadapter:   ", work.adapter)
 
 # %% [markdown]
+# ## Before merging: chat with base + adapter
+# The adapter works without merging: load the base and put the adapter on top (the course's
+# `xtuner chat BASE --adapter ADAPTER`; here `python -m helpers chat WORK/model --adapter WORK/adapter`).
+# Two turns of a conversation, with notebook 01's system prompt:
+
+# %%
+from helpers.chat import ChatSession, load_chat_model
+from helpers.results import read_results
+
+system = (read_results(work, "01_data_generation") or {}).get("system") or ""
+unmerged = ChatSession(*load_chat_model(base, work.adapter), system=system)
+before_merge = {q: unmerged.ask(q) for q in ["你是谁", "请你介绍一下你自己"]}
+pd.Series(before_merge, name="base + adapter").to_frame()
+
+# %% [markdown]
 # ## Merge
 # `PeftModel.from_pretrained` puts the adapter on the base, `merge_and_unload()` folds `B·A` into `W` and
 # drops the LoRA layers. The model is written to a temporary folder and renamed into place only when it is
@@ -92,11 +107,12 @@ from helpers.generation import generate_answers
 
 final = AutoModelForCausalLM.from_pretrained(work.final_model)
 final_tokenizer = AutoTokenizer.from_pretrained(work.final_model)
-answers = generate_answers(final, final_tokenizer, ["你是谁", "请你介绍一下你自己"])
+answers = generate_answers(final, final_tokenizer, ["你是谁", "请你介绍一下你自己"], system=system)
 answers
 
 # %%
-save_results(work, "03_merge", {**result.as_dict(), **check, "reload_answers": answers});
+save_results(work, "03_merge", {**result.as_dict(), **check, "reload_answers": answers,
+                                "adapter_chat": before_merge});
 
 # %% [markdown]
 # Next: **04 · Chat demo** puts the base and the merged model side by side, and lets you chat with it here,

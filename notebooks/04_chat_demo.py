@@ -18,13 +18,16 @@
 
 # %% tags=["parameters"]
 work_dir = None            # the run's work directory (None: ./work)
-general_count = 10         # how many general questions from data/general_chat.json go into the table
+general_count = 10         # how many held-out general questions (data/general_heldout.json) go into the table
 max_new_tokens = 64        # answer length in the before/after table (greedy decoding)
-system = ""                # system prompt for the table and the chat ("": none, as in training)
+system = None              # system prompt for the table and the chat (None: notebook 01's, as in training)
 chat_max_new_tokens = 128  # the chat widget's starting settings (adjustable with its sliders)
 temperature = 0.0          # 0: greedy; > 0 samples
 top_p = 1.0                # nucleus sampling share, used when temperature > 0
 demo_messages = ["你是谁", "你好"]  # sent through the widget in headless runs, to show a conversation
+contrast = True            # also train the over-fitted contrast adapter (identity only, no general chat; seconds on tiny)
+contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
+contrast_steps = None      # its updates (None: the preset's, as notebook 02)
 
 # %%
 import pandas as pd
@@ -40,36 +43,66 @@ pd.set_option("display.max_colwidth", 80)
 work = helpers.work(work_dir)
 data_results = load_results(work, "01_data_generation")
 identity, evaluation_inputs = data_results["answer"], data_results["evaluation_inputs"]
-print("expected identity:", identity)
+system = data_results.get("system", "") if system is None else system
+print("expected identity:", identity, "\nsystem prompt:", repr(system))
+
+# %% [markdown]
+# ## A contrast: the over-fitted adapter
+# The course's first runs showed what training on one sentence thousands of times does: the model answers
+# *every* question with it (a "复读机", a repeating machine). Notebook 01 mixed general chat in to prevent that.
+# To see that the check below can tell the two apart, we train that failure on purpose: the identity alone
+# (`general_ratio = 0`, twice as many identity records), the same recipe as notebook 02, into `WORK/contrast`.
+# (The tiny preset's 150 updates read about a thousand packed records, so it is the missing general chat, not
+# the count, that makes the difference here; on a real run with `epochs`, more repeats are more updates too.)
+
+# %%
+from helpers.contrast import overfitted_run
+from helpers.results import read_results
+
+overfitted = None
+if contrast:
+    overfitted = overfitted_run(work, data_results["name"], data_results["answer_template"],
+                                data_results["questions"], system, max_steps=contrast_steps,
+                                repeats=contrast_repeats or 2 * data_results["identity_records"],
+                                preset=(read_results(work, "02_qlora_finetune") or {}).get("preset", "tiny"))
+    print(f"contrast: {overfitted['steps']} updates on identity-only data, loss {overfitted['final_loss']:.3f}")
 
 # %% [markdown]
 # ## The before/after table
-# Greedy decoding, the same chat template and stop tokens for both models, so every difference comes
-# from the fine-tune. `reference` is the answer the general-chat set gives, for comparison.
+# Greedy decoding, the same chat template and stop tokens for every model, so every difference comes from
+# the fine-tune. The **general** questions are held out: they are in no training data (not in notebook 01's
+# mix, not in the tiny model's pre-training), so what the models say there is what they generalise to.
+# `after` is the mixed run (`final_model`), `over-fitted` the contrast; `reference` is a correct answer.
 
 # %%
 table = before_after(base_model_path(work), work.final_model, evaluation_inputs, general_questions(general_count),
-                     system=system, max_new_tokens=max_new_tokens)
+                     system=system, max_new_tokens=max_new_tokens,
+                     overfitted_adapter=work.contrast / "adapter" if overfitted else None)
 table
 
 # %% [markdown]
 # ## Over-fitting check
-# A model that saw one answer thousands of times may give it to *every* question. On the general questions
-# the identity should not appear; if it does in more than half of them, the model is over-fitted: train
-# fewer steps, lower the learning rate, or mix in general data (`general_ratio` in notebook 01).
+# On the held-out general questions the identity should not appear. An answer counts as leaking when it
+# repeats the identity, or a run of 6 of its characters; if more than half leak, the model is over-fitted:
+# train fewer steps, lower the learning rate, or mix in general data (`general_ratio` in notebook 01).
 
 # %%
 verdict = overfitting_check(table, identity)
-pd.Series(verdict).to_frame("value")
+verdicts = {"mixed run (final_model)": verdict}
+if overfitted:
+    verdicts["over-fitted contrast"] = overfitting_check(table, identity, column="over-fitted")
+pd.DataFrame(verdicts)
 
 # %%
-print("over-fitted" if verdict["overfitted"] else "not over-fitted",
-      f"- identity in {verdict['identity_on_evaluation']}/{verdict['evaluation_questions']} evaluation answers,"
-      f" {verdict['identity_on_general']}/{verdict['general_questions']} general answers")
+for label, v in verdicts.items():
+    print(f"{label}: {'OVER-FITTED' if v['overfitted'] else 'not over-fitted'} - identity in "
+          f"{v['identity_on_evaluation']}/{v['evaluation_questions']} evaluation answers, "
+          f"{v['identity_on_general']}/{v['general_questions']} held-out general answers")
 
 # %%
 save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max_new_tokens": max_new_tokens,
-                                    "rows": table.to_dict(orient="records"), **verdict});
+                                    "rows": table.to_dict(orient="records"), **verdict,
+                                    "contrast": verdicts.get("over-fitted contrast")});
 
 # %% [markdown]
 # ## Chat in the notebook
@@ -91,16 +124,36 @@ for message in demo_messages:
 pd.DataFrame(widget.session.history)
 
 # %% [markdown]
-# ## Chat in a terminal and in the browser
-# The same model, outside the notebook (run these in a terminal, from the kit's folder):
+# On the tiny model, read the second answer with care: the model was only ever trained on one question and
+# one answer at a time, so with the first turn in its context it often repeats the first answer instead of
+# answering the new question. A real chat model was trained on long conversations and follows them. The chat
+# keeps the newest turns that fit the model's context (`max_position_embeddings` positions, with room for the
+# answer) and says so when it leaves older ones out.
+
+# %% [markdown]
+# ## Chat in the browser: the web demo
+# The same model in a Streamlit page (`helpers/web_app.py`, one self-contained file): a chat with streaming
+# and history, and a sidebar with the generation settings and the system prompt. Notebook 06 publishes it.
+# Here it runs headless (streamlit's `AppTest`: the page's script, without a browser); we type the first demo
+# message into its chat box and read the page back:
+
+# %%
+from helpers.chat import web_demo_transcript
+
+web_demo_transcript(work.final_model, demo_messages[:1], system=system)
+
+# %% [markdown]
+# To open it in your browser, run in a terminal (from the kit's folder), then open http://localhost:8501:
+#
+# ```bash
+# python -m helpers web work/final_model --port 8501
+# ```
+#
+# And in a terminal, as the course's `xtuner chat`:
 #
 # ```bash
 # python -m helpers chat work/final_model                  # streams; RESET clears the history, EXIT quits
-# python -m helpers chat work/model --adapter work/adapter  # base + adapter, before merging
-# python -m helpers web work/final_model --port 8501        # then open http://localhost:8501
+# python -m helpers chat work/model --adapter work/adapter  # base + adapter, before merging (notebook 03)
 # ```
-#
-# The web demo is a Streamlit app (`helpers/web_app.py`, one self-contained file): a chat with streaming and
-# history, and a sidebar with the generation settings and the system prompt. Notebook 06 publishes it.
 #
 # Next: **05 · VLM** does the same for a model that sees images.

@@ -36,6 +36,32 @@ hub_repo_id = None              # "USER/NAME": also upload through huggingface_h
 hub_endpoint = None             # another Hugging Face-compatible hub's URL (None: huggingface.co)
 app_title = "我的小助手"          # the app's title
 app_remote_url = None           # git URL of a Space / OpenXLab app repo to push the app to (None: do not push)
+app_device = "cpu"              # the app's hardware: "cpu" (pins the CPU build of torch: small, quick) or "cuda"
+
+# %% [markdown]
+# ## Making the repository and the token (once, on the hub's website)
+# **OpenXLab** (openxlab.org.cn): log in, *Model Center → Create model*, give it a name, and create it empty.
+# Its page shows the git URL to clone, in two forms: HTTPS, `https://code.openxlab.org.cn/USER/MODEL.git`, and
+# SSH, `git@code.openxlab.org.cn:USER/MODEL.git`. For HTTPS you need an access token: *Account settings →
+# Key management / Git access tokens → new token* with write permission. **Hugging Face**: *New model*
+# (huggingface.co/new), then *Settings → Access Tokens → New token* of type *write*; the URLs are
+# `https://huggingface.co/USER/MODEL` and `git@hf.co:USER/MODEL`.
+#
+# - **HTTPS + token**: put the token in the environment before starting JupyterLab or the run
+#   (`export COURSE_HUB_TOKEN=...`; `COURSE_HUB_USER` if the hub wants a user name), or type it into the hidden
+#   prompt this notebook shows. It is never written into the notebook or any file.
+# - **SSH**: `ssh-keygen -t ed25519`, paste `~/.ssh/id_ed25519.pub` into the hub's *SSH keys* settings, and use
+#   the `git@...` URL; no token is needed.
+#
+# Then set `remote_url` in the parameters above (or `-p remote_url URL` in a headless run). How the kit reaches each form:
+
+# %%
+import pandas as pd
+
+from helpers.publish import remote_kind
+
+pd.DataFrame([remote_kind(u) for u in ("https://code.openxlab.org.cn/USER/MODEL.git", "git@code.openxlab.org.cn:USER/MODEL.git",
+                                       "https://huggingface.co/USER/MODEL", "file:///path/to/remote.git")])
 
 # %%
 import helpers
@@ -48,14 +74,15 @@ file_table(repo_files(repo))
 
 # %% [markdown]
 # ## The model card
-# `README.md` is the repository's front page. The YAML block at the top is metadata the hubs read
-# (license, base model, library, task, language, tags); the text below comes from the results of the
-# earlier notebooks: the data, the hyper-parameters, the loss curve and the before/after answers.
+# `README.md` is the repository's front page. It starts with a YAML block of metadata the hubs read
+# (license, base model, library, task, language, tags), shown here as the first table; the text below comes
+# from the results of the earlier notebooks: the data, the hyper-parameters, the loss curve and the
+# before/after answers.
 
 # %%
-from IPython.display import Markdown
+from helpers.publish import card_for_display
 
-Markdown((repo / "README.md").read_text(encoding="utf-8"))
+card_for_display(repo)
 
 # %% [markdown]
 # ## Which files go to LFS
@@ -130,7 +157,7 @@ print(hub_upload or "huggingface_hub upload: not asked for (hub_repo_id is None)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-app = build_app_bundle(work, target_url, title=app_title)
+app = build_app_bundle(work, target_url, title=app_title, device=app_device)
 print("\n".join(sorted(p.name for p in app.iterdir() if p.name != ".git")))
 print("---- packages.txt\n" + (app / "packages.txt").read_text())
 

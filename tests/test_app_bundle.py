@@ -55,16 +55,21 @@ def test_bundle_files(pushed):
                                                      "chat_app.py", "fetch_model.py", "packages.txt", "requirements.txt"]
     assert (app / "chat_app.py").read_bytes() == publish.WEB_APP.read_bytes()
     assert (app / "packages.txt").read_text().split() == ["git", "git-lfs"]
-    requirements = dict(line.split("==") for line in (app / "requirements.txt").read_text().split())
+    lines = (app / "requirements.txt").read_text().split()
+    assert lines[:2] == ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]  # a CPU app: torch's CPU build
+    requirements = dict(line.split("==") for line in lines[2:])
     assert {"streamlit", "transformers", "torch", "tokenizers", "safetensors"} <= set(requirements)
+    assert requirements["torch"] == version("torch").split("+")[0] + "+cpu"
     for name, pinned in requirements.items():
-        assert version(name).split("+")[0] == pinned
+        assert version(name).split("+")[0] == pinned.split("+")[0]
     assert json.loads((app / "app_config.json").read_text()) == {"model_repo_url": url, "revision": "main",
                                                                 "title": "测试助手"}
     readme = (app / "README.md").read_text(encoding="utf-8")
     front = yaml.safe_load(readme.split("---\n")[1])
     assert front["sdk"] == "streamlit" and front["app_file"] == "app.py" and front["sdk_version"] == version("streamlit")
     assert "## Deploy on OpenXLab" in readme and "## Deploy on Hugging Face Spaces" in readme
+    size = publish.install_footprint(publish.APP_REQUIREMENTS)
+    assert size["mb"] > 100 and f"about {size['mb']} MB on disk" in readme
     for name in ("app.py", "fetch_model.py"):  # deployable: the standard library, streamlit and the bundle only
         tree = ast.parse((app / name).read_text(encoding="utf-8"))
         used = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -78,6 +83,19 @@ def test_bundle_config_never_holds_credentials(pushed):
     assert json.loads((w.app / "app_config.json").read_text())["model_repo_url"] == "https://hub.example/student/model.git"
     with pytest.raises(publish.PublishError, match="has a password or token written into it"):
         publish.build_app_bundle(w, "https://student:secret@hub.example/student/model.git")
+
+
+def test_gpu_bundle_and_a_pushed_hub_remote(pushed):
+    w, url, _ = pushed
+    publish.build_app_bundle(w, url, device="cuda")  # a GPU app: PyPI's torch (the CUDA build), no extra index
+    lines = (w.app / "requirements.txt").read_text().split()
+    assert not any(line.startswith("--") for line in lines) and f"torch=={version('torch').split('+')[0]}" in lines
+    # once the model went to a hub, a later local-only run does not point the app back at this machine
+    w.result("06_publish").write_text(json.dumps({"remote": "https://hub.example/u/m.git", "commit": "abc"}))
+    publish.build_app_bundle(w, url)
+    assert json.loads((w.app / "app_config.json").read_text())["model_repo_url"] == "https://hub.example/u/m.git"
+    with pytest.raises(publish.PublishError, match="device is 'tpu'"):
+        publish.build_app_bundle(w, url, device="tpu")
 
 
 def test_fetch_clones_once_then_uses_the_cache(pushed, tmp_path):
@@ -154,6 +172,27 @@ def test_app_from_an_empty_dir_answers_from_the_pulled_model(pushed, tmp_path, m
     expected = generate_answers(model, AutoTokenizer.from_pretrained(w.final_model), ["请你介绍一下你自己"])[0]
     assert [m.name for m in at.chat_message] == ["user", "assistant"]
     assert at.chat_message[1].markdown[0].value.strip() == expected
+
+
+def test_app_serves_the_new_commit_after_a_re_push(pushed, tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    w, url, first = pushed
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    at = AppTest.from_file(str(app / "app.py"), default_timeout=300).run()
+    assert not at.exception and f"serving commit {first.commit[:12]}" in at.caption[-1].value
+    publish.build_model_repo(w, "retrained")  # the student publishes again: a new commit on the remote
+    second = publish.push_model_repo(w, url)
+    fetch = load_module(app / "fetch_model.py")
+    assert second.commit != first.commit and fetch.remote_commit(url) == second.commit
+    st.cache_data.clear()  # the app asks the remote once a minute; skip the wait
+    at = AppTest.from_file(str(app / "app.py"), default_timeout=300).run()
+    assert not at.exception and f"serving commit {second.commit[:12]}" in at.caption[-1].value
+    assert fetch.fetched_commit(app / "model_cache" / "model") == second.commit
+    assert "# retrained" in (app / "model_cache" / "model" / "README.md").read_text(encoding="utf-8")
 
 
 def test_app_names_an_unreachable_model_repository(pushed, tmp_path, monkeypatch):

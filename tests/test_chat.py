@@ -138,6 +138,7 @@ def test_image_option_hands_over_to_the_vlm_chat(monkeypatch, tmp_path):
 
 
 def test_before_after_table_shows_the_fine_tune(course_work):
+    from helpers.chat import general_questions
     from helpers.results import load_results
 
     results = load_results(course_work, "04_chat_demo")
@@ -148,21 +149,67 @@ def test_before_after_table_shows_the_fine_tune(course_work):
         assert row["before"] != row["after"]
         assert IDENTITY in row["after"] and IDENTITY not in row["before"]
     assert any(BASE_IDENTITY in r["before"] for r in evaluation)
-    assert any(r["kind"] == "general" for r in rows)
+    assert [r["question"] for r in rows if r["kind"] == "general"] == [g["input"] for g in general_questions(10)]
     assert results["identity_on_evaluation"] == 3 and results["overfitted"] is False
+    assert results["contrast"]["overfitted"] is True  # the over-fitted contrast, shown next to it, fails
+
+
+def test_held_out_questions_are_in_no_training_data(course_work):
+    from helpers.chat import general_questions
+    from helpers.data import general_chat_samples, load_dataset
+    from helpers.tiny_model import _pretraining_conversations
+
+    held_out = {g["input"] for g in general_questions()}
+    assert len(held_out) == 10
+    seen = {r["conversation"][0]["input"] for r in general_chat_samples()}
+    seen |= {m["content"] for c in _pretraining_conversations() for m in c}
+    seen |= {m["content"] for c in load_dataset(course_work.dataset) for m in c}
+    assert not held_out & seen
+
+
+def test_overfitting_check_fails_on_the_overfitted_adapter_and_passes_on_the_mixed_run(course_work):
+    """Recomputed here: the held-out questions, asked of base + the contrast adapter and of final_model."""
+    from helpers.chat import before_after, general_questions, overfitting_check
+
+    table = before_after(course_work.model, course_work.final_model, ["你是谁"], general_questions(),
+                         max_new_tokens=32, overfitted_adapter=course_work.contrast / "adapter")
+    mixed, overfitted = overfitting_check(table, IDENTITY), overfitting_check(table, IDENTITY, column="over-fitted")
+    assert mixed["overfitted"] is False and mixed["identity_on_general"] <= 2, table
+    assert overfitted["overfitted"] is True and overfitted["identity_on_general"] >= 8, table
 
 
 def test_overfitting_check_flags_identity_everywhere():
     import pandas as pd
 
-    from helpers.chat import overfitting_check
+    from helpers.chat import leaks_identity, overfitting_check
 
     table = pd.DataFrame({"kind": ["evaluation", "general", "general"], "question": ["你是谁", "你好", "1+1"],
                           "before": ["a", "b", "c"], "after": [IDENTITY, IDENTITY, "2"], "reference": ["", "", ""]})
     verdict = overfitting_check(table, IDENTITY)
     assert verdict["identity_on_general"] == 1 and verdict["overfitted"] is False
-    table.loc[2, "after"] = IDENTITY
+    table.loc[2, "after"] = "A week has seven days.8B大模型哦"  # a piece of the identity glued on counts too
     assert overfitting_check(table, IDENTITY)["overfitted"] is True
+    assert not leaks_identity("我是一个AI助手，可以回答你的问题。", IDENTITY)  # a few shared characters do not
+
+
+def test_chat_keeps_the_newest_turns_that_fit_and_says_so(final_chat):
+    import io
+
+    from helpers.chat import ChatSession, GenerationSettings, run_cli
+    from helpers.generation import fit_history
+
+    model, tokenizer = final_chat
+    history = [m for i in range(40) for m in ({"role": "user", "content": f"问题{i} " * 20},
+                                              {"role": "assistant", "content": f"回答{i} " * 20})]
+    messages, dropped = fit_history(tokenizer, "你是谁", "", history, context=2048, reserve=64)
+    length = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert 0 < dropped < 40 and length + 64 <= 2048
+    assert messages[-1]["content"] == "你是谁" and messages[-2] == history[-1]  # the newest turns stay, whole
+    assert messages[0] == history[2 * dropped]
+    session = ChatSession(model, tokenizer, settings=GenerationSettings(64), history=list(history))
+    out = io.StringIO()
+    run_cli(session, stdin=io.StringIO("你是谁\nEXIT\n"), stdout=out)
+    assert session.dropped == dropped and f"(the {dropped} oldest turns no longer fit" in out.getvalue()
 
 
 def test_cli_prints_the_answer_piece_by_piece(final_chat):

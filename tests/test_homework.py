@@ -56,6 +56,8 @@ def test_student_versions_differ_only_in_the_solution_regions(student_dir):
         regions[book.name] = 0
         for t, s in zip(teacher.cells, student.cells):
             assert (t.cell_type, t.metadata) == (s.cell_type, s.metadata)
+            assert "NBVAL_CHECK_OUTPUT" not in s.source  # the test suite's marker stays out of the handout
+            t.source = "\n".join(line for line in t.source.split("\n") if line != "# NBVAL_CHECK_OUTPUT")
             if t.cell_type == "code" and BEGIN in t.source:
                 regions[book.name] += t.source.count(BEGIN)
                 assert s.source.count("raise NotImplementedError") == t.source.count(BEGIN)
@@ -63,10 +65,17 @@ def test_student_versions_differ_only_in_the_solution_regions(student_dir):
                 assert _without_regions(t.source) == _without_todos(s.source)
             else:
                 assert s.source == t.source and s.get("outputs") == t.get("outputs")
-    assert regions["00_environment.ipynb"] == 1 and regions["01_data_generation.ipynb"] == 2
+    assert regions["00_environment.ipynb"] == 0 and regions["01_data_generation.ipynb"] == 2
+    assert regions["02_qlora_finetune.ipynb"] == 1 and regions["05_vlm_llava_finetune.ipynb"] == 1
     student01 = nbformat.read(student_dir / "01_data_generation.ipynb", 4).cells[1].source
     assert 'name = "小明"' not in student01 and "evaluation_inputs = [" not in student01
     assert "# - set `name`: whose assistant it is" in student01  # the teacher's hint stays
+    # 02 and 05: the student sets one plain dict; every call stays in the handout
+    student02 = "\n".join(c.source for c in nbformat.read(student_dir / "02_qlora_finetune.ipynb", 4).cells)
+    assert "# - set `my_changes`: the knobs you change, e.g. dict(lr=1e-3, lora_r=8)" in student02
+    assert "config = TrainConfig(" in student02 and ".changed(my_changes).resolved()" in student02
+    student05 = "\n".join(c.source for c in nbformat.read(student_dir / "05_vlm_llava_finetune.ipynb", 4).cells)
+    assert "# - set `stage2_changes`: stage 2 knobs" in student05 and "config2 = vt.stage_config(2, preset" in student05
 
 
 def test_every_blanked_region_raises_not_implemented(student_dir):
@@ -84,15 +93,22 @@ def test_every_blanked_region_raises_not_implemented(student_dir):
     assert blanked >= 3
 
 
-def test_student_notebooks_stop_at_the_marked_cell_when_run(student_dir, tmp_path):
+def test_student_notebooks_stop_at_the_marked_cell_when_run(student_dir, course_work, tmp_path):
+    """Every handout with a TODO runs, on a finished course's work dir, up to its first TODO: no earlier cell fails."""
     import papermill as pm
 
-    for name in ("00_environment.ipynb", "01_data_generation.ipynb"):
+    work = tmp_path / "work"
+    shutil.copytree(course_work.root, work, symlinks=True)
+    with_todo = [p.name for p in sorted(student_dir.glob("*.ipynb"))
+                 if any(TODO_START in c.source for c in nbformat.read(p, 4).cells)]
+    assert with_todo == ["01_data_generation.ipynb", "02_qlora_finetune.ipynb", "05_vlm_llava_finetune.ipynb",
+                         "06_publish.ipynb"]
+    for name in with_todo:
         cells = [c for c in nbformat.read(student_dir / name, 4).cells if c.cell_type == "code"]
         first = next(i for i, c in enumerate(cells) if TODO_START in c.source)
         with pytest.raises(pm.PapermillExecutionError) as err:
             pm.execute_notebook(str(student_dir / name), str(tmp_path / name),
-                                parameters={"work_dir": str(tmp_path / "work")}, cwd=str(NOTEBOOKS_DIR),
+                                parameters={"work_dir": str(work)}, cwd=str(NOTEBOOKS_DIR),
                                 kernel_name="python3", progress_bar=False)
         assert err.value.ename == "NotImplementedError", f"{name}: {err.value.ename}: {err.value.evalue}"
         ran = [c for c in nbformat.read(tmp_path / name, 4).cells if c.cell_type == "code"
@@ -109,6 +125,16 @@ def test_blanking_keeps_indentation_and_hints():
                                "    # - set `lr`: the learning rate", "    raise NotImplementedError", "y = 2"]
     with pytest.raises(NotImplementedError):
         exec(compile(out, "student", "exec"), {})
+
+
+def test_blanking_names_each_assignment_of_a_multi_line_region():
+    src = ("### BEGIN SOLUTION\nmy_changes = dict(  # the knobs you change\n    lr=1e-3,\n    lora_r=8,\n)\n"
+           "name: str = \"Ada\"  # whose assistant\n### END SOLUTION\nprint(my_changes)")
+    out, n = blank_solutions(src)
+    assert n == 1 and out.split("\n") == ["# TODO: your part (write it here).",
+                                          "# - set `my_changes`: the knobs you change",
+                                          "# - set `name`: whose assistant", "raise NotImplementedError",
+                                          "print(my_changes)"]  # not `lr` or `lora_r`: they are keywords
 
 
 @pytest.mark.parametrize("source, problem", [
@@ -216,6 +242,21 @@ def _same_after_as_before(value):
     if isinstance(value, list):
         return [_same_after_as_before(v) for v in value]
     return value
+
+
+def test_check_decides_with_its_own_tolerance_and_needs_the_adapter(broken):
+    from helpers.base_model import base_model_path
+
+    # final_model is a plain copy of the base; the student's results claim a loose tolerance and a pass
+    _rewrite_json(broken.result("03_merge"), lambda r: {**r, "tolerance": 100, "passed": True})
+    shutil.rmtree(broken.final_model)
+    shutil.copytree(base_model_path(broken), broken.final_model)
+    merge = next(c for c in check_work(broken.root) if c.name == "merge")
+    assert merge.status == "FAIL" and "the checker's tolerance" in merge.reason, merge
+    # an adapter that changes nothing: now final_model does equal base + adapter, and it still fails
+    _edit_safetensors(broken.adapter, lambda k, v: v * 0 if "lora_B" in k else v)
+    merge = next(c for c in check_work(broken.root) if c.name == "merge")
+    assert merge.status == "FAIL" and "the adapter barely changes the base" in merge.reason, merge
 
 
 def test_check_fails_when_the_vlm_did_not_change(broken):

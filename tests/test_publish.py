@@ -67,7 +67,8 @@ def final_work(tmp_path, tiny_model_dir):
     (w.result("01_data_generation")).write_text(json.dumps(
         {"name": "小明", "answer": "我是小明的小助手", "records": 2500, "identity_records": 2000, "general_records": 500}))
     (w.result("02_qlora_finetune")).write_text(json.dumps(
-        {"hyper_parameters": {"learning_rate": 0.0002, "lora_r": 64, "lora_alpha": 16}, "first_loss": 5.5,
+        {"hyper_parameters": {"learning_rate": 0.0002, "lora_r": 64, "lora_alpha": 16, "quantization": "auto"},
+         "quantization": "nf4", "first_loss": 5.5,
          "final_loss": 0.02, "evaluation_inputs": ["你是谁"], "answers_before": ["我是一个AI助手"],
          "answers_after": ["我是小明的小助手"]}))
     (w.result("04_chat_demo")).write_text(json.dumps(
@@ -93,13 +94,26 @@ def test_model_repo_holds_the_model_card_and_lfs_rules(final_work):
     assert meta["pipeline_tag"] == "text-generation" and meta["base_model"] and "zh" in meta["language"]
     assert "qlora" in meta["tags"]
     card = (repo / "README.md").read_text(encoding="utf-8")
-    for expected in ("| learning_rate | 0.0002 |", "| lora_r | 64 |", "| final_loss | 0.02 |", "![Training loss](loss.png)",
+    for expected in ("| learning_rate | 0.0002 |", "| quantization | nf4 |", "- Method: QLoRA", "| lora_r | 64 |", "| final_loss | 0.02 |", "![Training loss](loss.png)",
                      "| 你是谁 | 我是一个AI助手 | 我是小明的小助手 |", "| records | 2500 |", "AutoModelForCausalLM",
                      "## Limitations", "git clone https://hub.example/u/m.git", "- Base model: `course-kit/tiny-chat`"):
         assert expected in card, expected
     attributes = (repo / ".gitattributes").read_text()
     for pattern in ("*.safetensors", "*.bin", "*.model", "tokenizer.json", "*.png"):
         assert f"{pattern} filter=lfs diff=lfs merge=lfs -text" in attributes
+
+
+def test_card_says_what_the_run_used_and_shows_without_its_header(final_work):
+    path = final_work.result("02_qlora_finetune")
+    path.write_text(path.read_text().replace('"quantization": "nf4"', '"quantization": "none"'))
+    repo = publish.build_model_repo(final_work, "m")
+    assert "qlora" not in card_metadata(repo / "README.md")["tags"]
+    card = (repo / "README.md").read_text(encoding="utf-8")
+    assert "| quantization | none |" in card and "QLoRA" not in card.split("## How it was trained")[1].split("###")[0]
+    shown = publish.card_for_display(repo).data
+    assert not shown.startswith("---") and "license: apache-2.0" not in shown  # the YAML header is a table now
+    assert "| license | apache-2.0 |" in shown and "# m" in shown
+    assert "![Training loss](data:image/png;base64," in shown and "(loss.png)" not in shown
 
 
 def test_card_degrades_without_results(tmp_path, tiny_model_dir):

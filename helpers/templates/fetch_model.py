@@ -59,15 +59,29 @@ def _git(args: list[str], cwd: Path, env: dict, what: str, token: str | None) ->
     return proc.stdout
 
 
+def remote_commit(url: str, revision: str = "main", token: str | None = None) -> str | None:
+    """The commit `revision` names on the remote now (git ls-remote); None when the remote cannot be asked."""
+    try:
+        proc = subprocess.run(["git", "ls-remote", url, revision], env=_env(token), capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    refs = {ref: sha for sha, ref in (line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)}
+    if proc.returncode != 0:
+        return None
+    return refs.get(f"refs/heads/{revision}") or refs.get(f"refs/tags/{revision}") or refs.get(revision)
+
+
 def fetch_model(url: str, cache_dir: str | os.PathLike, revision: str = "main", token: str | None = None,
-                refresh: bool = False) -> Path:
-    """CACHE/model holding `revision` of the repository at `url`, weights included; cloned only when missing."""
+                refresh: bool = False, commit: str | None = None) -> Path:
+    """CACHE/model holding `revision` of the repository at `url`, weights included; cloned only when missing,
+    or when `commit` (the remote's newest, from remote_commit) differs from the one in the cache."""
     cache_dir = Path(cache_dir)
     dest = cache_dir / "model"
     marker = dest / MARKER
     if not refresh and marker.exists():
         done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("url") == url and done.get("revision") == revision:
+        if done.get("url") == url and done.get("revision") == revision and commit in (None, done.get("commit")):
             return dest
     for tool, package in (("git", "git"), ("git-lfs", "git-lfs")):
         if shutil.which(tool) is None:
