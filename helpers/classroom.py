@@ -167,7 +167,7 @@ def run_task(task: Task, gpu: str | None = None) -> dict:
         attempt_started, notebook, done, last = time.time(), "", 0, ""
         _write_status(task, state="running", notebook="", done=0, attempt=attempt)
         with open(task.log, "a", encoding="utf-8") as log:
-            where = f" on GPU {gpu}" if gpu is not None else ""
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""  # ours or Slurm's
             log.write(f"=== attempt {attempt} of {task.attempts}{where}: {' '.join(task.argv)}\n")
             log.flush()
             proc = subprocess.Popen(task.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -307,6 +307,9 @@ def run_slurm(tasks: list[Task], options: SlurmOptions, folder: Path) -> list[di
     if options.cluster == "slurm" and not shutil.which("sbatch"):
         raise ClassRunError("--slurm needs Slurm's sbatch, which is not on PATH here; run on the cluster's "
                             "login node, or drop --slurm to use this machine's workers.")
+    import logging
+
+    logging.getLogger("submitit").setLevel(logging.ERROR)  # its retries of `sacct` would bury the live table
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=options.cluster)
     params = dict(name="course-class", timeout_min=options.time_min, gpus_per_node=options.gpus,
                   cpus_per_task=options.cpus, tasks_per_node=1, slurm_array_parallelism=options.max_parallel)
@@ -334,13 +337,16 @@ def _execute(tasks: list[Task], root: Path, workers: int, slurm: SlurmOptions | 
         Path(t.status).unlink(missing_ok=True)
     if slurm is not None:
         return run_slurm(tasks, slurm, root / LOGS / "slurm")
-    if workers < 1:
-        raise ClassRunError(f"--workers is {workers}; give 1 or more students to run at once.")
     return run_local(tasks, workers)
 
 
 def _student_work(root: Path, sid: str):
-    return make_work(root / sid)
+    return make_work(root / sid, create=False)  # the student's own run creates it
+
+
+def _check_engine(workers: int, slurm: SlurmOptions | None) -> None:
+    if slurm is None and workers < 1:
+        raise ClassRunError(f"--workers is {workers}; give 1 or more students to run at once.")
 
 
 # ---------------------------------------------------------------- the class run and the class check
@@ -348,8 +354,9 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
               workers: int = 1, slurm: SlurmOptions | None = None) -> int:
     """Run the course for every student; print and save the summary. Returns 0 when all passed, else 1."""
     try:
+        _check_engine(workers, slurm)
         students = read_class(csv_path)
-    except ClassFileError as e:
+    except (ClassFileError, ClassRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     notebooks = course_notebooks(only)
@@ -387,8 +394,9 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
                 publish: bool = False, trust_results: bool = False) -> int:
     """`homework check` for every student of a class, in parallel; saves class_check.csv/.md. 0 when all pass."""
     try:
+        _check_engine(workers, slurm)
         students = read_class(csv_path)
-    except ClassFileError as e:
+    except (ClassFileError, ClassRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     root = class_root(class_dir)
