@@ -144,8 +144,9 @@ def main(argv=None) -> int:
     run_s = timed(py + ["run", "--class", str(students_csv), "--work-dir", str(class_dir), "--only", only,
                         "--workers", str(args.workers), *params], out / "class_run.log", env)
     sampler.stop.set()
+    skip = [] if "05" in only.split(",") else ["--skip", "vlm"]  # the class did not run the VLM notebook
     check_s = timed(py + ["homework", "check", str(class_dir), "--class", str(students_csv), "--workers",
-                          str(args.workers)], out / "class_check.log", env)
+                          str(args.workers), "--publish", *skip], out / "class_check.log", env)
 
     summary = read_csv(class_dir / "class_summary.csv")
     passed = [r for r in summary if r["status"] == "passed"]
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
         "gpu_busy_share": {k: round(v, 3) for k, v in busy.items()},
         "gpu_busy_share_mean": round(statistics.mean(busy.values()), 3) if busy else None,
         "check_passes": check_counts,
+        "check_passed_students": sum(r["status"] == "passed" for r in read_csv(class_dir / "class_check.csv")),
     }
     table = [
         "| measure | value |", "|---|---|",
@@ -183,6 +185,7 @@ def main(argv=None) -> int:
         f"| summary | {len(passed)} passed, {len(summary) - len(passed)} failed; broken student fails with its sentence: {broken_ok} |",
         f"| retries | {result['retries'] or 'none'} |",
         f"| homework check (parallel) wall time | {check_s:.0f} s |",
+        f"| homework check: students passing every check | {result['check_passed_students']} of {args.students} |",
         f"| checks passed (of {args.students}) | {', '.join(f'{k} {v}' for k, v in check_counts.items())} |",
     ]
     text = "\n".join(table)

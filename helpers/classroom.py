@@ -391,7 +391,7 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
 
 
 def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions | None = None,
-                publish: bool = False, trust_results: bool = False) -> int:
+                publish: bool = False, trust_results: bool = False, skip: str = "") -> int:
     """`homework check` for every student of a class, in parallel; saves class_check.csv/.md. 0 when all pass."""
     try:
         _check_engine(workers, slurm)
@@ -406,7 +406,7 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
         sid = student["student_id"]
         argv = [sys.executable, "-m", "helpers", "homework", "check", str(_student_work(root, sid).root),
                 "--name", student["name"], "--json", str(logs / f"{sid}.json")]
-        argv += ["--publish"] * publish + ["--trust-results"] * trust_results
+        argv += ["--publish"] * publish + ["--trust-results"] * trust_results + (["--skip", skip] if skip else [])
         (logs / f"{sid}.json").unlink(missing_ok=True)
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
                           final_codes=(0, 1)))  # a failed check is a verdict; only a crash is retried
