@@ -455,15 +455,15 @@ def save_summary(root: Path, rows: list[dict], columns: list[str] = SUMMARY_COLU
 # ---------------------------------------------------------------- command-line flags shared by `run` and `homework check`
 def add_class_arguments(p) -> None:
     g = p.add_argument_group("class runs (with --class)")
-    g.add_argument("--workers", type=int, default=1,
+    g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="students at once on this machine: one GPU each (round robin), or a share of the CPU")
     g.add_argument("--slurm", action="store_true", help="run the students as a Slurm job array (submitit) instead")
-    g.add_argument("--slurm-partition", default=None, help="Slurm partition (default: the cluster's default)")
-    g.add_argument("--max-parallel", type=int, default=8, help="with --slurm: students running at once")
-    g.add_argument("--slurm-gpus", type=int, default=1, help="with --slurm: GPUs per student")
-    g.add_argument("--slurm-cpus", type=int, default=8, help="with --slurm: CPU cores per student")
-    g.add_argument("--slurm-time", type=int, default=240, help="with --slurm: minutes per student before Slurm stops it")
-    g.add_argument("--slurm-mem", type=int, default=None, help="with --slurm: memory per student in GB")
+    g.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition (default: the cluster's default)")
+    g.add_argument("--max-parallel", type=int, default=8, metavar="N", help="with --slurm: students running at once")
+    g.add_argument("--slurm-gpus", type=int, default=1, metavar="N", help="with --slurm: GPUs per student")
+    g.add_argument("--slurm-cpus", type=int, default=8, metavar="N", help="with --slurm: CPU cores per student")
+    g.add_argument("--slurm-time", type=int, default=240, metavar="MIN", help="with --slurm: minutes per student before Slurm stops it")
+    g.add_argument("--slurm-mem", type=int, default=None, metavar="GB", help="with --slurm: memory per student in GB")
     g.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="with --slurm: any other sbatch option, e.g. account=course (repeatable)")
 

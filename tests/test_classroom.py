@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,26 @@ def test_parameter_columns_and_empty_cells(tmp_path):
     got = read_class(path)  # checked against the parameters the notebooks really declare
     assert got == [{"student_id": "s1", "name": "小红", "params": {"name": "小红", "repeats": "50"}},
                    {"student_id": "s2", "name": "小刚", "params": {"name": "小刚", "system": "你好"}}]
+
+
+def test_the_pool_hands_each_worker_one_gpu_and_retries_once(tmp_path, monkeypatch):
+    from helpers.classroom import Task, run_local
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    flaky = tmp_path / "failed-once"  # the first attempt of s1 fails, the second passes
+    script = ("import os, sys, pathlib; print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); "
+              f"p = pathlib.Path({str(flaky)!r}); sid = sys.argv[1]; "
+              "sys.exit(0 if sid != 's1' or p.exists() else p.touch() or 3)")
+    tasks = [Task(sid, sid, [sys.executable, "-c", script, sid], str(tmp_path / f"{sid}.log"),
+                  str(tmp_path / f"{sid}.json")) for sid in ("s1", "s2", "s3", "s4")]
+    results = run_local(tasks, workers=2)
+    assert [r["code"] for r in results] == [0, 0, 0, 0]
+    assert [r["attempts"] for r in results] == [2, 1, 1, 1]
+    used = set()
+    for t in tasks:
+        log = Path(t.log).read_text(encoding="utf-8")
+        gpus = re.findall(r"^gpu (\S+)$", log, re.M)
+        assert gpus and all(f"on GPU {g}:" in log for g in gpus)  # what the header says is what the process saw
+        used |= set(gpus)
+    assert used == {"3", "5"}
+    assert "=== exit code 3" in Path(tasks[0].log).read_text(encoding="utf-8")
