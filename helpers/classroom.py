@@ -204,7 +204,7 @@ class LiveTable:
             from tqdm import tqdm
 
             self.bars = {t.student_id: tqdm(total=t.total, position=i, leave=True, desc=t.student_id.ljust(self.width),
-                                            bar_format="{desc} |{bar:12}| {n}/{total} {postfix}")
+                                            bar_format="{desc} |{bar:12}| {n}/{total}{postfix}")
                          for i, t in enumerate(tasks)}
 
     def update(self, task: Task, status: dict) -> None:
