@@ -1,26 +1,50 @@
-"""Class runs: the course once per student, each into its own work directory.
+"""Class runs: the course (or the homework check) once per student, each student its own process and work
+directory, in parallel on a local worker pool or as a Slurm job array.
 
-    python -m helpers run --class students.csv [--work-dir CLASS_DIR] [--only 00,01] [-p NAME VALUE]
+    python -m helpers run --class students.csv [--work-dir CLASS_DIR] [--workers N] [--only 00,01] [-p NAME VALUE]
+    python -m helpers run --class students.csv --slurm [--slurm-partition P] [--max-parallel N]
+    python -m helpers homework check CLASS_DIR --class students.csv [--workers N | --slurm ...]
 
 students.csv has the columns student_id and name, plus any notebook parameter (an empty cell keeps the
-default). One student's failure does not stop the others; the summary is printed and saved as
-CLASS_DIR/class_summary.csv and class_summary.md.
+default). Each student runs `python -m helpers run` (or `homework check`) in a process of their own, one
+GPU each where there are GPUs; a failure is retried once, and one student's failure never stops the
+others. A live table shows each student's notebook and status; the summary is printed and saved as
+CLASS_DIR/class_summary.csv/.md (checks: class_check.csv/.md); logs are in CLASS_DIR/_logs/.
+
+Engines: concurrent.futures + subprocess on one machine; submitit on Slurm. submitit submits the students
+as one job array with a concurrency cap (`--array=0-29%8`), pickles a Python function per task, reads back
+its result and has a local executor for machines without Slurm. The alternatives weighed: simple_slurm only
+writes sbatch scripts (no results, no waiting), and dask-jobqueue runs long-lived dask workers as jobs,
+which a class of independent, hour-long runs does not need.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import queue
 import re
+import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .data import atomic_write_text
+from .notebooks import course_notebooks
 from .paths import work as make_work
+from .progress import print_table
 
 REQUIRED = ("student_id", "name")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a directory name
-SUMMARY_COLUMNS = ["student_id", "name", "status", "notebooks", "reason", "seconds", "work_dir"]
+SUMMARY_COLUMNS = ["student_id", "name", "status", "notebooks", "reason", "seconds", "attempts", "work_dir"]
+CHECK_COLUMNS = ["student_id", "name", "status", "checks", "reason", "seconds", "attempts", "work_dir"]
+LOGS = "_logs"  # inside the class directory; no student_id can start with "_"
 
 
 class ClassFileError(ValueError):
@@ -30,8 +54,6 @@ class ClassFileError(ValueError):
 def declared_parameters() -> set[str]:
     """Every parameter some course notebook declares."""
     import papermill as pm
-
-    from .runner import course_notebooks
 
     return {name for nb in course_notebooks() for name in pm.inspect_notebook(str(nb))}
 
@@ -101,47 +123,362 @@ def class_root(work_dir=None) -> Path:
     return make_work(work_dir).root if work_dir else make_work().root / "class"
 
 
-def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: dict | None = None) -> int:
-    """Run the course for every student; print and save the summary. Returns 0 when all passed, else 1."""
-    from .runner import course_notebooks, print_table, run_course
+class ClassRunError(ValueError):
+    """A class run that cannot start (bad --workers, no Slurm here); the message says what to change."""
 
+
+# ---------------------------------------------------------------- one student's task (in the pool or on a Slurm node)
+RUNNING = re.compile(r"^running (\S+\.ipynb) \.\.\.")  # the runner's line as it starts a notebook
+
+
+@dataclass
+class Task:
+    """One student's command, run until its exit code is in `final_codes`, at most `attempts` times."""
+    student_id: str
+    name: str
+    argv: list[str]
+    log: str  # every attempt's output
+    status: str  # a small JSON file the live table reads (a file, so that a Slurm node can write it too)
+    total: int = 1  # notebooks in the run
+    final_codes: tuple[int, ...] = (0,)
+    attempts: int = 2
+    env: dict = field(default_factory=dict)
+
+
+def _write_status(task: Task, **status) -> None:
+    atomic_write_text(Path(task.status), json.dumps(status))
+
+
+def _read_status(task: Task) -> dict:
     try:
+        return json.loads(Path(task.status).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"state": "queued", "notebook": "", "done": 0, "attempt": 0}
+
+
+def run_task(task: Task, gpu: str | None = None) -> dict:
+    """Run one student's command in its own process, retrying once on failure: exit code, attempts, times."""
+    env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    started = time.time()
+    Path(task.log).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, task.attempts + 1):
+        attempt_started, notebook, done, last = time.time(), "", 0, ""
+        _write_status(task, state="running", notebook="", done=0, attempt=attempt)
+        with open(task.log, "a", encoding="utf-8") as log:
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""  # ours or Slurm's
+            log.write(f"=== attempt {attempt} of {task.attempts}{where}: {' '.join(task.argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(task.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    text=True, encoding="utf-8", errors="replace")
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                last = line.strip() or last
+                m = RUNNING.match(line)
+                if m:
+                    done, notebook = done + bool(notebook), m.group(1)
+                    _write_status(task, state="running", notebook=notebook, done=done, attempt=attempt)
+            code = proc.wait()
+            log.write(f"=== exit code {code}\n")
+        if code in task.final_codes or attempt == task.attempts:
+            break
+        _write_status(task, state="retrying", notebook=notebook, done=done, attempt=attempt)
+    _write_status(task, state="passed" if code == 0 else "FAILED", notebook=notebook,
+                  done=task.total if code == 0 else done, attempt=attempt)
+    return {"code": code, "attempts": attempt, "seconds": time.time() - started,
+            "attempt_started": attempt_started, "last_line": last}
+
+
+# ---------------------------------------------------------------- the live table
+class LiveTable:
+    """Each student's notebook and status: one tqdm bar per student on a terminal, a line per change elsewhere."""
+
+    def __init__(self, tasks: list[Task]):
+        self.width = max(len(t.student_id) for t in tasks)
+        self.shown: dict[str, dict] = {}
+        self.start = time.time()
+        self.bars = {}
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bars = {t.student_id: tqdm(total=t.total, position=i, leave=True, desc=t.student_id.ljust(self.width),
+                                            bar_format="{desc} |{bar:12}| {n}/{total}{postfix}")
+                         for i, t in enumerate(tasks)}
+
+    def update(self, task: Task, status: dict) -> None:
+        if self.shown.get(task.student_id) == status:
+            return
+        self.shown[task.student_id] = status
+        text = f"{status.get('notebook') or '-'}  {status.get('state')}"
+        if status.get("attempt", 0) > 1:
+            text += f" (attempt {status['attempt']})"
+        bar = self.bars.get(task.student_id)
+        if bar is not None:
+            bar.n = status.get("done", 0)
+            bar.set_postfix_str(text)
+        else:
+            print(f"[{time.time() - self.start:6.0f}s] {task.student_id.ljust(self.width)}  {text}", flush=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _watch(tasks: list[Task], handles: list, table: LiveTable) -> list[dict]:
+    """Redraw the table until every future/job is done; then their results (a crash becomes a result too)."""
+    try:
+        while True:
+            finished = all(h.done() for h in handles)
+            for t in tasks:
+                table.update(t, _read_status(t))
+            if finished:
+                break
+            time.sleep(1)
+    finally:
+        table.close()
+    results = []
+    for h in handles:
+        try:
+            results.append(h.result())
+        except Exception as e:  # a job Slurm killed or could not start: that student's failure only
+            text = str(e).strip().splitlines()
+            results.append({"code": None, "attempts": 0, "seconds": 0.0, "attempt_started": 0.0, "last_line": "",
+                            "error": f"{type(e).__name__}: {text[-1] if text else ''}"})
+    return results
+
+
+# ---------------------------------------------------------------- engines: a local pool, a Slurm job array
+def visible_gpus() -> list[str]:
+    """The GPUs to hand out: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists (none on a CPU machine)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        got = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in got.stdout.splitlines() if line.strip()] if got.returncode == 0 else []
+
+
+def run_local(tasks: list[Task], workers: int) -> list[dict]:
+    """`workers` students at once on this machine, each with one GPU (round robin) or a share of the CPU cores."""
+    gpus = visible_gpus()
+    slots: queue.Queue = queue.Queue()
+    for i in range(workers):
+        slots.put(gpus[i % len(gpus)] if gpus else None)
+    if "OMP_NUM_THREADS" not in os.environ:  # N students on one CPU: split the cores rather than fight for them
+        for t in tasks:
+            t.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    where = f"GPUs {','.join(gpus)}" if gpus else "the CPU"
+    print(f"{len(tasks)} students, {workers} at a time on {where}", flush=True)
+
+    def one(task: Task) -> dict:
+        gpu = slots.get()
+        try:
+            return run_task(task, gpu)
+        finally:
+            slots.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return _watch(tasks, [pool.submit(one, t) for t in tasks], LiveTable(tasks))
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    max_parallel: int = 8  # students running at once (the job array's %N)
+    gpus: int = 1  # per student
+    cpus: int = 8  # per student
+    time_min: int = 240
+    mem_gb: int | None = None
+    extra: dict = field(default_factory=dict)  # further sbatch options, e.g. {"account": "course"}
+    cluster: str = "slurm"  # "local": submitit's local executor, for a machine without Slurm
+
+
+def run_slurm(tasks: list[Task], options: SlurmOptions, folder: Path) -> list[dict]:
+    """The students as one Slurm job array through submitit: one GPU each, at most max_parallel at once."""
+    try:
+        import submitit
+    except ImportError:
+        raise ClassRunError("--slurm needs submitit; install it with `pip install submitit`.") from None
+    if options.cluster == "slurm" and not shutil.which("sbatch"):
+        raise ClassRunError("--slurm needs Slurm's sbatch, which is not on PATH here; run on the cluster's "
+                            "login node, or drop --slurm to use this machine's workers.")
+    import logging
+
+    logging.getLogger("submitit").setLevel(logging.ERROR)  # its retries of `sacct` would bury the live table
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=options.cluster)
+    params = dict(name="course-class", timeout_min=options.time_min, gpus_per_node=options.gpus,
+                  cpus_per_task=options.cpus, tasks_per_node=1, slurm_array_parallelism=options.max_parallel)
+    if options.partition:
+        params["slurm_partition"] = options.partition
+    if options.mem_gb:
+        params["mem_gb"] = options.mem_gb
+    if options.extra:
+        params["slurm_additional_parameters"] = dict(options.extra)
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_task, tasks)
+    print(f"{len(tasks)} students submitted as Slurm job array {jobs[0].job_id.split('_')[0]} "
+          f"({options.gpus} GPU each, at most {options.max_parallel} at once); logs: {folder}", flush=True)
+    try:
+        return _watch(tasks, jobs, LiveTable(tasks))
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+
+
+def _execute(tasks: list[Task], root: Path, workers: int, slurm: SlurmOptions | None) -> list[dict]:
+    for t in tasks:  # a fresh run: last time's logs would confuse the table and the summary
+        Path(t.log).unlink(missing_ok=True)
+        Path(t.status).unlink(missing_ok=True)
+    if slurm is not None:
+        return run_slurm(tasks, slurm, root / LOGS / "slurm")
+    return run_local(tasks, workers)
+
+
+def _student_work(root: Path, sid: str):
+    return make_work(root / sid, create=False)  # the student's own run creates it
+
+
+def _check_engine(workers: int, slurm: SlurmOptions | None) -> None:
+    if slurm is None and workers < 1:
+        raise ClassRunError(f"--workers is {workers}; give 1 or more students to run at once.")
+
+
+# ---------------------------------------------------------------- the class run and the class check
+def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: dict | None = None,
+              workers: int = 1, slurm: SlurmOptions | None = None) -> int:
+    """Run the course for every student; print and save the summary. Returns 0 when all passed, else 1."""
+    try:
+        _check_engine(workers, slurm)
         students = read_class(csv_path)
-    except ClassFileError as e:
+    except (ClassFileError, ClassRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     notebooks = course_notebooks(only)
     root = class_root(work_dir)
-    rows = []
-    for n, student in enumerate(students, 1):
+    logs = root / LOGS / "run"
+    tasks = []
+    for student in students:
         sid = student["student_id"]
-        work = make_work(root / sid)
-        print(f"\n=== student {n}/{len(students)}: {sid} ({student['name']}) -> {work.root}", flush=True)
-        start = time.time()
+        params_file = logs / f"{sid}.yaml"  # also how to re-run one student by hand: run --work-dir DIR -f FILE
+        atomic_write_text(params_file, yaml.safe_dump({**(params or {}), **student["params"]}, allow_unicode=True,
+                                                      sort_keys=False))
+        argv = [sys.executable, "-m", "helpers", "run", "--work-dir", str(_student_work(root, sid).root),
+                "-f", str(params_file)] + (["--only", ",".join(nb.stem for nb in notebooks)] if only else [])
+        tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
+                          total=len(notebooks)))
+    try:
+        results = _execute(tasks, root, workers, slurm)
+    except ClassRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for task, r in zip(tasks, results):
+        work = _student_work(root, task.student_id)
+        ran, reason = failure_reason(work, notebooks, r["attempt_started"] - 1)
+        passed = r["code"] == 0 and not reason
+        if not passed and (r.get("error") or not reason or reason.endswith("did not run")):
+            reason = r.get("error") or r["last_line"] or reason or f"exit code {r['code']}"
+        rows.append({"student_id": task.student_id, "name": task.name, "status": "passed" if passed else "FAILED",
+                     "notebooks": f"{ran}/{len(notebooks)}", "reason": "" if passed else reason,
+                     "seconds": f"{r['seconds']:.1f}", "attempts": r["attempts"], "work_dir": str(work.root)})
+    return _finish(root, "class_summary", "class summary", SUMMARY_COLUMNS, rows)
+
+
+def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions | None = None,
+                publish: bool = False, trust_results: bool = False, skip: str = "") -> int:
+    """`homework check` for every student of a class, in parallel; saves class_check.csv/.md. 0 when all pass."""
+    try:
+        _check_engine(workers, slurm)
+        students = read_class(csv_path)
+    except (ClassFileError, ClassRunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    root = class_root(class_dir)
+    logs = root / LOGS / "check"
+    tasks = []
+    for student in students:
+        sid = student["student_id"]
+        argv = [sys.executable, "-m", "helpers", "homework", "check", str(_student_work(root, sid).root),
+                "--name", student["name"], "--json", str(logs / f"{sid}.json")]
+        argv += ["--publish"] * publish + ["--trust-results"] * trust_results + (["--skip", skip] if skip else [])
+        (logs / f"{sid}.json").unlink(missing_ok=True)
+        tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
+                          final_codes=(0, 1)))  # a failed check is a verdict; only a crash is retried
+    try:
+        results = _execute(tasks, root, workers, slurm)
+    except ClassRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for task, r in zip(tasks, results):
         try:
-            status = run_course(work.root, only, {**(params or {}), **student["params"]})
-            crash = ""
-        except (Exception, SystemExit) as e:  # one student's failure never stops the class
-            status, crash = 1, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        ran, reason = failure_reason(work, notebooks, start - 1)
-        passed = status == 0 and not reason
-        rows.append({"student_id": sid, "name": student["name"], "status": "passed" if passed else "FAILED",
-                     "notebooks": f"{ran}/{len(notebooks)}", "reason": "" if passed else (crash or reason or "failed"),
-                     "seconds": f"{time.time() - start:.1f}", "work_dir": str(work.root)})
-    print(f"\n=== class summary ({sum(r['status'] == 'passed' for r in rows)} of {len(rows)} passed)")
-    print_table(SUMMARY_COLUMNS, [[r[c] for c in SUMMARY_COLUMNS] for r in rows])
-    save_summary(root, rows)
-    print(f"\nsummary: {root / 'class_summary.csv'}\n         {root / 'class_summary.md'}")
+            checks = json.loads((logs / f"{task.student_id}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            checks = None
+        failed = [c for c in checks or [] if c["status"] == "FAIL"]
+        passed = r["code"] == 0 and checks is not None and not failed
+        reason = ("; ".join(f"{c['name']}: {c['reason']}" for c in failed) if checks is not None
+                  else r.get("error") or r["last_line"] or f"exit code {r['code']}")
+        rows.append({"student_id": task.student_id, "name": task.name, "status": "passed" if passed else "FAILED",
+                     "checks": f"{sum(c['status'] == 'PASS' for c in checks or [])}/{len(checks or [])}",
+                     "reason": "" if passed else reason, "seconds": f"{r['seconds']:.1f}", "attempts": r["attempts"],
+                     "work_dir": str(_student_work(root, task.student_id).root)})
+    return _finish(root, "class_check", "class check", CHECK_COLUMNS, rows)
+
+
+def _finish(root: Path, stem: str, title: str, columns: list[str], rows: list[dict]) -> int:
+    print(f"\n=== {title} ({sum(r['status'] == 'passed' for r in rows)} of {len(rows)} passed)")
+    print_table(columns, [[r[c] for c in columns] for r in rows])
+    save_summary(root, rows, columns, stem)
+    print(f"\nsummary: {root / (stem + '.csv')}\n         {root / (stem + '.md')}\nlogs:    {root / LOGS}")
     return 0 if all(r["status"] == "passed" for r in rows) else 1
 
 
-def save_summary(root: Path, rows: list[dict]) -> None:
+def save_summary(root: Path, rows: list[dict], columns: list[str] = SUMMARY_COLUMNS, stem: str = "class_summary") -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(root / "class_summary.csv", buf.getvalue())
+    atomic_write_text(root / f"{stem}.csv", buf.getvalue())
     cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    md += ["| " + " | ".join(cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
-    atomic_write_text(root / "class_summary.md", "\n".join(md) + "\n")
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    atomic_write_text(root / f"{stem}.md", "\n".join(md) + "\n")
+
+
+# ---------------------------------------------------------------- command-line flags shared by `run` and `homework check`
+def add_class_arguments(p) -> None:
+    g = p.add_argument_group("class runs (with --class)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="students at once on this machine: one GPU each (round robin), or a share of the CPU")
+    g.add_argument("--slurm", action="store_true", help="run the students as a Slurm job array (submitit) instead")
+    g.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition (default: the cluster's default)")
+    g.add_argument("--max-parallel", type=int, default=8, metavar="N", help="with --slurm: students running at once")
+    g.add_argument("--slurm-gpus", type=int, default=1, metavar="N", help="with --slurm: GPUs per student")
+    g.add_argument("--slurm-cpus", type=int, default=8, metavar="N", help="with --slurm: CPU cores per student")
+    g.add_argument("--slurm-time", type=int, default=240, metavar="MIN", help="with --slurm: minutes per student before Slurm stops it")
+    g.add_argument("--slurm-mem", type=int, default=None, metavar="GB", help="with --slurm: memory per student in GB")
+    g.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --slurm: any other sbatch option, e.g. account=course (repeatable)")
+
+
+def slurm_options(args) -> SlurmOptions | None:
+    """The Slurm settings of the command line, or None for the local pool."""
+    if not args.slurm:
+        return None
+    extra = {}
+    for item in args.slurm_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ClassRunError(f"--slurm-option {item!r} is not KEY=VALUE; write it like account=course.")
+        extra[key.strip().lstrip("-").replace("-", "_")] = value
+    if args.max_parallel < 1:
+        raise ClassRunError(f"--max-parallel is {args.max_parallel}; give 1 or more students to run at once.")
+    return SlurmOptions(args.slurm_partition, args.max_parallel, args.slurm_gpus, args.slurm_cpus, args.slurm_time,
+                        args.slurm_mem, extra)

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .classroom import ClassRunError, add_class_arguments, check_class, slurm_options
 from .paths import NOTEBOOKS_DIR, Work, work as make_work
 from .results import read_results, table_rows
 
@@ -329,6 +330,9 @@ def check_publish(work: Work, required: bool) -> Check:
     return Check("publish", "PASS", f"commit {str(commit)[:12]} pushed to {remote} ({where})")
 
 
+CHECK_NAMES = ("dataset", "identity", "merge", "vlm", "publish")  # what check_work returns, in order
+
+
 def check_work(work_dir, name: str | None = None, publish: bool = False, recompute: bool = True) -> list[Check]:
     """Every homework check on one work directory."""
     work = make_work(work_dir, create=False)
@@ -340,7 +344,7 @@ def check_work(work_dir, name: str | None = None, publish: bool = False, recompu
 
 
 def print_checks(checks: list[Check]) -> None:
-    from .runner import print_table
+    from .progress import print_table
 
     print_table(["check", "result", "reason"], [(c.name, c.status, c.reason) for c in checks])
 
@@ -353,11 +357,18 @@ def add_command(sub) -> None:
     m.add_argument("out_dir", help="where the student versions go")
     m.set_defaults(func=_make_student)
     c = hw.add_parser("check", help="check a work directory; exit code 1 on any failed check")
-    c.add_argument("work_dir", help="the student's work directory")
+    c.add_argument("work_dir", nargs="?", default=None,
+                   help="the student's work directory (with --class: the class directory, default ./work/class)")
     c.add_argument("--name", default=None, help="the name the assistant must give (default: the one notebook 01 used)")
     c.add_argument("--publish", action="store_true", help="require the model repo to have been pushed")
     c.add_argument("--trust-results", action="store_true",
                    help="take the merge check from results/03_merge.json instead of recomputing it")
+    c.add_argument("--skip", default="", metavar="CHECKS",
+                   help="checks not to run, comma-separated (e.g. vlm when the class skipped notebook 05)")
+    c.add_argument("--json", default=None, metavar="FILE", help="also write the checks to FILE as JSON")
+    c.add_argument("--class", dest="class_file", default=None, metavar="STUDENTS_CSV",
+                   help="check every student of a class (CSV: student_id,name,...) in WORK_DIR/<student_id>")
+    add_class_arguments(c)
     c.set_defaults(func=_check)
 
 
@@ -373,14 +384,36 @@ def _make_student(args) -> int:
 
 
 def _check(args) -> int:
+    import json
     import os as _os
 
+    from .data import atomic_write_text
     from .progress import quiet_libraries
+
+    if args.class_file:
+        try:
+            slurm = slurm_options(args)
+        except ClassRunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return check_class(args.class_file, args.work_dir, args.workers, slurm, args.publish, args.trust_results,
+                           args.skip)
+    if args.work_dir is None:
+        print("error: give the student's work directory (or --class STUDENTS_CSV for a class).", file=sys.stderr)
+        return 2
 
     _os.environ.setdefault("KIT_HEADLESS", "1")
     quiet_libraries()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(CHECK_NAMES):
+        print(f"error: --skip names {sorted(skip - set(CHECK_NAMES))}; the checks are {', '.join(CHECK_NAMES)}.",
+              file=sys.stderr)
+        return 2
     checks = check_work(args.work_dir, args.name, args.publish, recompute=not args.trust_results)
+    checks = [Check(c.name, "SKIP", "skipped (--skip)") if c.name in skip else c for c in checks]
     print_checks(checks)
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps([vars(c) for c in checks], ensure_ascii=False, indent=1) + "\n")
     failed = [c.name for c in checks if c.status == "FAIL"]
     print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}")
     return 1 if failed else 0

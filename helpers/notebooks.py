@@ -14,6 +14,19 @@ CHECK_MARK = "NBVAL_CHECK_OUTPUT"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
+def course_notebooks(only: list[str] | None = None) -> list[Path]:
+    """notebooks/NN_*.ipynb in order; `only` keeps those whose number (or stem) is listed."""
+    books = sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {o.strip() for o in only if o.strip()}
+        unknown = wanted - {p.name[:2] for p in books} - {p.stem for p in books}
+        if unknown:
+            raise SystemExit(f"error: --only names {sorted(unknown)}, but notebooks/ has "
+                             f"{', '.join(p.name[:2] for p in books)}; use those numbers.")
+        books = [p for p in books if p.name[:2] in wanted or p.stem in wanted]
+    return books
+
+
 def sources() -> list[Path]:
     return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 

@@ -33,3 +33,9 @@ def quiet_libraries() -> None:
         transformers.utils.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def print_table(header, rows) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))

@@ -6,20 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from .classroom import ClassRunError, add_class_arguments, run_class, slurm_options
+from .notebooks import course_notebooks
 from .paths import NOTEBOOKS_DIR, work as make_work
-
-
-def course_notebooks(only: list[str] | None = None) -> list[Path]:
-    """notebooks/NN_*.ipynb in order; `only` keeps those whose number (or stem) is listed."""
-    books = sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        wanted = {o.strip() for o in only if o.strip()}
-        unknown = wanted - {p.name[:2] for p in books} - {p.stem for p in books}
-        if unknown:
-            raise SystemExit(f"error: --only names {sorted(unknown)}, but notebooks/ has "
-                             f"{', '.join(p.name[:2] for p in books)}; use those numbers.")
-        books = [p for p in books if p.name[:2] in wanted or p.stem in wanted]
-    return books
+from .progress import print_table
 
 
 def _typed(value: str, declared_type: str | None):
@@ -90,12 +80,6 @@ def _build_report(work) -> None:
               f"retry with `python -m helpers report {work.root}`.", file=sys.stderr)
 
 
-def print_table(header, rows) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-
-
 def add_command(sub) -> None:
     p = sub.add_parser("run", help="run the course notebooks headless with papermill")
     p.add_argument("--work-dir", default=None, help="work directory (default: ./work)")
@@ -105,6 +89,7 @@ def add_command(sub) -> None:
     p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters")
     p.add_argument("--class", dest="class_file", default=None, metavar="STUDENTS_CSV",
                    help="run once per student (CSV: student_id,name,+parameters), each into WORK_DIR/<student_id>")
+    add_class_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -121,7 +106,10 @@ def _run(args) -> int:
     params.update(dict(args.param))
     only = args.only.split(",") if args.only else None
     if args.class_file:
-        from .classroom import run_class
-
-        return run_class(args.class_file, args.work_dir, only, params)
+        try:
+            slurm = slurm_options(args)
+        except ClassRunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return run_class(args.class_file, args.work_dir, only, params, args.workers, slurm)
     return run_course(args.work_dir, only, params)
