@@ -489,23 +489,24 @@ def size_plan(model_config, quantization: str, memory_gib: float, max_length: in
     chunk = 4096 if memory_gib >= 40 else 1024
     precisions = {"auto": ["bf16", "nf4"], "nf4": ["nf4"], "none": ["bf16"]}[quantization]
     modes = [False, True] if checkpointing is None else [checkpointing]
-    for precision in precisions:
-        need = footprint(model_config, precision, lora_r, chunk)
-        budget = 0.85 * memory_gib * GIB - need["weights"] - need["adapters"] - need["loss_chunk"] - 0.5 * GIB
+    # First choice: a forward of at least min(4, rows per update) rows; stored activations before recomputed
+    # ones, 16-bit before 4-bit weights. Then anything that fits one row.
+    for want in (min(4, rows_per_update), batch_size):
         for recompute in modes:
-            per_token = need["recomputed_per_token" if recompute else "stored_per_token"]
-            rows_fit = int(max(0.0, budget) // (per_token * max_length))
-            want = min(4, rows_per_update) if not recompute and len(modes) > 1 else batch_size
-            if rows_fit < want:
-                continue
-            rows, accumulation = trainer_batches(rows_fit * max_length, max_length, batch_size, rows_per_update)
-            estimate = need["weights"] + need["adapters"] + need["loss_chunk"] + rows * max_length * per_token
-            return {"precision": precision, "gradient_checkpointing": recompute, "rows": rows,
-                    "accumulation": accumulation, "loss_chunk": chunk, "estimate_gib": round(estimate / GIB, 1),
-                    "fits": True}
+            for precision in precisions:
+                need = footprint(model_config, precision, lora_r, chunk)
+                fixed = need["weights"] + need["adapters"] + need["loss_chunk"]
+                per_token = need["recomputed_per_token" if recompute else "stored_per_token"]
+                rows_fit = int(max(0.0, 0.85 * memory_gib * GIB - fixed - 0.5 * GIB) // (per_token * max_length))
+                if rows_fit < max(want, batch_size):
+                    continue
+                rows, accumulation = trainer_batches(rows_fit * max_length, max_length, batch_size, rows_per_update)
+                return {"precision": precision, "gradient_checkpointing": recompute, "rows": rows,
+                        "accumulation": accumulation, "loss_chunk": chunk, "fits": True,
+                        "estimate_gib": round((fixed + rows * max_length * per_token) / GIB, 1)}
     precision = precisions[-1]  # nothing fits: the leanest choice, said so in the plan's reason
     need = footprint(model_config, precision, lora_r, 1024)
-    return {"precision": precision, "gradient_checkpointing": True, "rows": batch_size,
+    return {"precision": precision, "gradient_checkpointing": modes[-1], "rows": batch_size,
             "accumulation": max(1, rows_per_update // batch_size), "loss_chunk": 1024, "fits": False,
             "estimate_gib": round((need["weights"] + need["adapters"] + need["loss_chunk"]
                                    + batch_size * max_length * need["recomputed_per_token"]) / GIB, 1)}

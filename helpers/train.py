@@ -179,13 +179,13 @@ def load_model_for_training(config: TrainConfig, model_path: str):
 
     if Path(model_path).exists():
         check_model_dir(model_path)
-    plan = None
-    if torch.cuda.is_available():  # fp32 adapters, compiled layers, packs sized to the card (helpers.fast_path)
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        from .fast_path import trainer_plan
+    from . import fast_path
 
-        plan = trainer_plan(config, config.quantization, AutoConfig.from_pretrained(model_path))
+    # On a CUDA GPU: fp32 adapters, compiled layers, packs sized to the card (helpers.fast_path); None elsewhere.
+    plan = fast_path.trainer_plan(config, config.quantization,
+                                  AutoConfig.from_pretrained(model_path) if torch.cuda.is_available() else None)
     if plan is not None and config.quantization == "auto":
         quantization = "nf4" if plan.precision == "nf4" else "none"
         note = ("4-bit NF4 with double quantisation (QLoRA): 16-bit weights do not fit this GPU" if quantization == "nf4"
