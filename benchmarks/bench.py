@@ -205,7 +205,8 @@ class _Profile:
                     wall = time.perf_counter() - self.t0
                     self.prof.__exit__(None, None, None)
                     events = self.prof.key_averages()
-                    kernels = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6
+                    kernels = sum(e.self_device_time_total for e in events  # GPU kernels only, no op counted twice
+                                  if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
                     self.busy = kernels / wall
                     self.table = events.table(sort_by="self_device_time_total", row_limit=top,
                                               max_name_column_width=60)
@@ -273,7 +274,8 @@ def kit_worker(recipe, model_dir, tiny, emit, out_dir, homework):
 
     quantization = "nf4" if recipe == "kit-4bit" else "auto"
     cfg = TINY if tiny else REAL
-    shapes = [s for s in (TINY_SHAPES if tiny else SHAPES) if s[3]]  # the kit always packs
+    rows_wanted = [int(r) for r in os.environ.get("BENCH_KIT_ROWS", "").split(",") if r]
+    shapes = [s for s in (TINY_SHAPES if tiny else SHAPES) if s[3] and (not rows_wanted or s[1] in rows_wanted)]
     for label, rows, length, _ in shapes:
         try:
             profile = _Profile() if (not tiny and rows == 8) else None
@@ -493,9 +495,12 @@ def main(argv=None):
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
     ap.add_argument("--no-homework", action="store_true")
+    ap.add_argument("--kit-rows", default="", help="only these packed shapes for the kit, e.g. 4,8 (rows × 2048)")
     ap.add_argument("--deadline", type=int, default=0, help="stop starting recipes after this many seconds (0: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kit_rows:
+        os.environ["BENCH_KIT_ROWS"] = args.kit_rows  # the workers inherit it
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir or f"/tmp/kit-bench-{'tiny' if args.tiny else 'real'}")

@@ -741,6 +741,12 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     resume_from = _prepare_train_dir(work, config, fingerprint)
 
     plan = (getattr(model.get_base_model(), "_kit_trainer_fast", None) or {}).get("plan")
+    if plan is not None:
+        from .fast_path import fit_compile_to_run
+
+        per_update = config.batch_size * config.gradient_accumulation
+        fit_compile_to_run(model, config.max_steps if config.max_steps and config.max_steps > 0
+                           else math.ceil(len(rows) / per_update * (config.epochs or 1)))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     args = training_arguments(config, work.checkpoints, plan)
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
