@@ -1,17 +1,23 @@
-"""Side-by-side training benchmark: the plain QLoRA recipe, Liger, Unsloth and the kit's fast path.
+"""Side-by-side training benchmark: the plain QLoRA recipe, Liger, Unsloth and the kit (notebook 02's path).
 
 One run builds a Llama with internlm2-chat-1.8b dimensions and random weights (no download), then runs
 each recipe in its own process (Unsloth and Liger patch transformers globally) at the same shapes and
-prints markdown tables: tokens/s, step time, peak memory, MFU; the whole homework end to end; the
-kit's loss against the plain recipe's on the same batch; a kernel profile of the kit's step.
+prints markdown tables: tokens/s, step time, peak memory, MFU; the homework as the student runs it.
+The kit's recipes are `helpers.train.train` from a `TrainConfig` (the notebook's own path, one code path):
+`kit` (quantization "auto"), `kit-4bit` ("nf4"); each packed shape is a few updates of train() at that many
+tokens per update (a kernel profile of the 8 × 2048 one); `homework-<quantization>[@<GiB>]` is the whole
+homework preset, the process capped to GiB of GPU memory (a smaller card), timed from the start of train()
+(load, quantization, compilation included) to the saved adapter, next to the training time alone.
 
-    python benchmarks/bench.py                 # on the GPU (about 8 minutes on an H200)
-    python benchmarks/bench.py --tiny          # tiny dims on a CPU: checks the code, times nothing useful
+    python benchmarks/bench.py                 # on the GPU
+    python benchmarks/bench.py --recipes homework-auto,homework-nf4,homework-auto@24,homework-nf4@8
+    python benchmarks/bench.py --tiny --recipes plain,kit,homework-auto   # tiny dims on a CPU: checks the code
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -150,17 +156,62 @@ def load_peer(recipe, model_dir, tiny):
     return model, "4-bit NF4, SDPA, checkpointing" if cuda else "fp32 on CPU (no 4-bit without CUDA)"
 
 
-def kit_plan(recipe):
-    from helpers import fast_path as fp
+def kit_train(model_dir, work_dir, quantization="auto", rows=16, length=1024, steps=-1, repeats=10_000,
+              callbacks=None, **overrides):
+    """The kit's recipe: notebook 02's own `helpers.train.train` from a TrainConfig, on notebook 01's data
+    (`repeats` samples, general mix 0.2). steps > 0: `rows` packed rows of `length` per update for `steps`
+    updates (a shape); steps = -1: the homework preset as a student runs it (2 epochs, 16 rows of 1024)."""
+    import helpers.train as kit
+    from helpers.data import make_dataset
+    from helpers.paths import work as make_work
 
-    plan = fp.make_plan("lean" if recipe == "kit-4bit" else "auto")
-    if recipe == "kit-liger-ce":
-        plan.loss = "liger"
-    if recipe == "kit-liger":  # the 16-bit plan with Liger's kernels instead of compiled layers
-        plan.compile_layers, plan.kernels = False, "liger"
-    if recipe == "kit-torch":  # neither
-        plan.compile_layers, plan.kernels = False, "torch"
-    return plan
+    w = make_work(work_dir)
+    if not w.dataset.exists():
+        make_dataset(w.dataset, repeats=repeats, general_ratio=0.2)
+    knobs = dict(preset="homework", base_model=str(model_dir), quantization=quantization, resume=False,
+                 logging_steps=1)  # a metrics row per update (tokens/s, grad norm); one sync per update
+    if steps > 0:
+        knobs.update(max_length=length, batch_size=rows, gradient_accumulation=1, max_steps=steps, lora_dropout=0.0,
+                     evaluation_freq=10**6, save_steps=10**6, max_new_tokens=8)
+    knobs.update(overrides)
+    return kit.train(kit.TrainConfig(**knobs), w, callbacks=callbacks), kit.read_metrics(w)
+
+
+class _Profile:
+    """A TrainerCallback (made lazily) that profiles updates first+1..last: CUDA kernel time by kernel and the
+    share of wall time the GPU was busy."""
+
+    def __new__(cls, first=2, last=4, top=18):
+        from transformers import TrainerCallback
+
+        class Profile(TrainerCallback):
+            table, busy = "", None
+
+            def on_step_begin(self, args, state, control, **kw):
+                import torch
+
+                if state.global_step == first:
+                    torch.cuda.synchronize()
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+                    self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if state.global_step == last and hasattr(self, "prof"):
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - self.t0
+                    self.prof.__exit__(None, None, None)
+                    events = self.prof.key_averages()
+                    kernels = sum(e.self_device_time_total for e in events  # GPU kernels only, no op counted twice
+                                  if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
+                    self.busy = kernels / wall
+                    self.table = events.table(sort_by="self_device_time_total", row_limit=top,
+                                              max_name_column_width=60)
+
+        return Profile()
 
 
 def time_steps(step, warmup, steps):
@@ -176,52 +227,115 @@ def time_steps(step, warmup, steps):
     return statistics.median(times), loss
 
 
-def worker(recipe, model_dir, tiny, out_path, homework):
+def _cap_memory(gib):
     import torch
 
+    if gib and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+
+
+def _free(result):
+    import gc
+
+    import torch
+
+    result.pop("model", None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def homework_worker(recipe, model_dir, tiny, emit, out_dir):
+    """'homework-<quantization>[@<GiB>]': the whole homework through train(), the process capped to GiB."""
+    spec = recipe.split("-", 1)[1]
+    quantization, _, cap = spec.partition("@")
+    _cap_memory(float(cap) if cap else 0)
+    extra = dict(max_length=256, max_new_tokens=8) if tiny else {}
+    t0 = time.perf_counter()
+    result, metrics = kit_train(model_dir, out_dir / f"work-{recipe}", quantization, repeats=300 if tiny else 10_000,
+                                **extra)
+    wall = time.perf_counter() - t0
+    norms = [m["grad_norm"] for m in metrics if m.get("grad_norm") is not None]
+    speeds = [m["tokens_per_s"] for m in metrics[2:]] or [m["tokens_per_s"] for m in metrics]
+    plan = result.get("fast_path") or {}
+    emit({"kind": "homework", "quantization": quantization, "cap_gib": float(cap) if cap else None,
+          "picked": plan.get("reason") or result.get("quantization"), "updates": result["steps"],
+          "tok_s": statistics.median(speeds) if speeds else 0.0, "peak_gib": result["peak_memory_mb"] / 1024,
+          "loss_first": result["first_loss"], "loss_last": result["final_loss"],
+          "grad_norm_finite": all(math.isfinite(n) for n in norms), "grad_norm_max": max(norms) if norms else None,
+          "train_s": result["train_seconds"], "wall_s": result.get("wall_seconds"), "call_s": wall,
+          "answers_after": result["answers_after"], "versions": versions()})
+    _free(result)
+
+
+def kit_worker(recipe, model_dir, tiny, emit, out_dir, homework):
+    """The kit's rows: each packed shape is notebook 02's train() for a few updates at that many tokens per update."""
     from helpers import fast_path as fp
+
+    quantization = "nf4" if recipe == "kit-4bit" else "auto"
+    cfg = TINY if tiny else REAL
+    rows_wanted = [int(r) for r in os.environ.get("BENCH_KIT_ROWS", "").split(",") if r]
+    shapes = [s for s in (TINY_SHAPES if tiny else SHAPES) if s[3] and (not rows_wanted or s[1] in rows_wanted)]
+    for label, rows, length, _ in shapes:
+        try:
+            profile = _Profile() if (not tiny and rows == 8) else None
+            result, metrics = kit_train(model_dir, out_dir / f"work-{recipe}-{rows}x{length}", quantization, rows,
+                                        length, steps=3 if tiny else 8, repeats=300 if tiny else 10_000,
+                                        callbacks=[profile] if profile else None)
+            speeds = [m["tokens_per_s"] for m in metrics[2:]] or [m["tokens_per_s"] for m in metrics]
+            tok_s = statistics.median(speeds)
+            per_sample = result["data"]["tokens"] / max(1, result["data"]["samples"])
+            flops = fp.flops_per_token(_Cfg(cfg), (per_sample + 1) / 2)
+            tokens = rows * length
+            emit({"kind": "shape", "shape": label, "tokens": tokens, "step_s": tokens / tok_s, "tok_s": tok_s,
+                  "peak_gib": result["peak_memory_mb"] / 1024, "mfu": flops * tok_s / (PEAK_TFLOPS * 1e12),
+                  "loss": result["final_loss"], "plan": (result.get("fast_path") or {}).get("reason")})
+            if profile is not None and profile.table:
+                emit({"kind": "profile", "table": profile.table, "gpu_busy": profile.busy})
+            _free(result)
+        except Exception as e:  # one shape's failure (out of memory, unsupported) must not hide the others
+            emit({"kind": "shape", "shape": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            traceback.print_exc()
+            _reset_peak()
+    if homework:
+        homework_worker(f"homework-{quantization}", model_dir, tiny, emit, out_dir)
+
+
+def worker(recipe, model_dir, tiny, out_path, homework):
+    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TINY if tiny else REAL
     shapes = TINY_SHAPES if tiny else SHAPES
     emit = lambda rec: open(out_path, "a").write(json.dumps({"recipe": recipe, **rec}) + "\n")  # noqa: E731
+    if recipe.startswith("homework-"):
+        return homework_worker(recipe, model_dir, tiny, emit, out_path.parent)
+    if recipe.startswith("kit"):
+        emit({"kind": "setup", "what": "notebook 02's helpers.train.train, quantization "
+              + ("nf4" if recipe == "kit-4bit" else "auto"), "load_s": 0.0, "versions": versions()})
+        return kit_worker(recipe, model_dir, tiny, emit, out_path.parent, homework)
     t0 = time.perf_counter()
-    kit = recipe.startswith("kit")
-    if kit:
-        plan = kit_plan(recipe)
-        if tiny:
-            plan.tokens_per_step, plan.accumulation = 512, 1
-        model = fp.load_for_training(model_dir, plan, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"])
-        what = f"{plan.precision}, {'checkpointing' if plan.gradient_checkpointing else 'no recomputation'}, " \
-               f"{plan.attention} attention, {plan.loss} CE, {plan.kernels} kernels" + (", compiled layers" if plan.compile_layers else "")
-        opt = fp.optimizer_for(model, plan)
-    else:
-        plan = None
-        model, what = load_peer(recipe, model_dir, tiny)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=device == "cuda")
-    emit({"kind": "setup", "what": what, "load_s": time.perf_counter() - t0,
-          "plan": plan.as_dict() if plan else None, "versions": versions()})
+    model, what = load_peer(recipe, model_dir, tiny)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=device == "cuda")
+    emit({"kind": "setup", "what": what, "load_s": time.perf_counter() - t0, "plan": None, "versions": versions()})
     samples = course_samples(4000, cfg["vocab_size"], seed=1)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
+    from helpers import fast_path as fp
+
     def make_step(shape):
         rows = rows_for(shape, samples)
-        if kit:
-            flat = [s for r in rows for s in r]
-            batch = fp.collate_packed(flat, device=device)
-            step = lambda: fp.train_step(model, opt, [batch], plan)  # noqa: E731
-        else:
-            batch = peer_batch(rows, shape[2], shape[3], device)
+        batch = peer_batch(rows, shape[2], shape[3], device)
 
-            def step():
-                with autocast:
-                    loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return float(loss.detach())
+        def step():
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
         lengths = [len(s["input_ids"]) for r in rows for s in r]
         return step, lengths
 
@@ -241,76 +355,11 @@ def worker(recipe, model_dir, tiny, out_path, homework):
             emit({"kind": "shape", "shape": shape[0], "error": f"{type(e).__name__}: {str(e)[:300]}"})
             traceback.print_exc()
             _reset_peak()
-    if kit:
-        emit({"kind": "loss_check", **loss_check(model, plan, samples[:8], device)})
-        if homework:
-            emit({"kind": "homework", **kit_homework(model, opt, plan, cfg, tiny, device)})
-        if recipe == "kit" and device == "cuda" and os.environ.get("BENCH_PROFILE", "1") == "1":
-            emit({"kind": "profile", "table": profile(model, opt, plan, samples, device)})
 
 
 class _Cfg:
     def __init__(self, d):
         self.__dict__.update(d)
-
-
-def loss_check(model, plan, samples, device):
-    """Same weights, same 8 samples: HF's own padded SDPA forward and loss vs the kit's packed fused loss."""
-    import torch
-
-    from helpers import fast_path as fp
-
-    lm = fp.causal_lm(model)
-    batch = peer_batch([[s] for s in samples], 0, False, device)
-    with torch.no_grad():
-        lm.set_attn_implementation("sdpa")
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            plain = float(lm(**batch).loss)
-        fp.use_kit_attention(model)
-        kit = float(fp.packed_loss(model, fp.collate_packed(samples, device=device), plan))
-    return {"plain": plain, "kit": kit, "rel_diff": abs(kit - plain) / abs(plain),
-            "varlen": fp._VARLEN["ok"] and device == "cuda", "varlen_note": fp._VARLEN["why"]}
-
-
-def kit_homework(model, opt, plan, cfg, tiny, device):
-    """The whole homework: pack 10,001 course-like samples, 2 epochs of optimizer steps, timed end to end."""
-    from helpers import fast_path as fp
-
-    n = 200 if tiny else HOMEWORK_SAMPLES
-    samples = course_samples(n, cfg["vocab_size"], seed=7)
-    _sync()
-    t0 = time.perf_counter()
-    losses, steps = [], 0
-    for micro in fp.packed_steps(samples, plan, epochs=HOMEWORK_EPOCHS, device=device):
-        losses.append(fp.train_step(model, opt, micro, plan))
-        steps += 1
-    _sync()
-    seconds = time.perf_counter() - t0
-    tokens = HOMEWORK_EPOCHS * sum(len(s["input_ids"]) for s in samples)
-    return {"seconds": seconds, "steps": steps, "tokens": tokens, "tok_s": tokens / seconds,
-            "loss_first": losses[0], "loss_last": losses[-1], "peak_gib": _peak_gib()}
-
-
-def profile(model, opt, plan, samples, device, top=18):
-    """CUDA kernel time of two kit steps, by kernel (what the rest of the time goes to)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile as prof
-
-    from helpers import fast_path as fp
-
-    rows = fp.pack_examples(samples, plan.tokens_per_step, seed=3)
-    batch = fp.collate_packed(rows[0], pad_to=plan.tokens_per_step, device=device)
-    fp.train_step(model, opt, [batch], plan)
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for _ in range(2):
-            fp.train_step(model, opt, [batch], plan)
-        torch.cuda.synchronize()
-    for key in ("device_time_total", "cuda_time_total"):
-        try:
-            return p.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
-        except Exception:
-            continue
-    return "profile table unavailable"
 
 
 def versions():
@@ -336,16 +385,23 @@ def build_model(model_dir: Path, tiny: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from transformers import GenerationConfig
+
+    from helpers.template import END_OF_TURN
     from helpers.tiny_model import build_tokenizer
 
     if (model_dir / "config.json").exists():
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
+    tok = build_tokenizer()  # the kit's own tokenizer (ids < its size): the course's data and template
+    stop = tok.convert_tokens_to_ids(END_OF_TURN)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, stop], pad_token_id=tok.pad_token_id)
     with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**(TINY if tiny else REAL))).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**(TINY if tiny else REAL), **ids)).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(model_dir)
-    build_tokenizer().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
     del model
 
 
@@ -355,11 +411,8 @@ def homework_rows(results):
     rows = []
     for recipe, recs in results.items():
         shapes = {r["shape"]: r for r in recs if r.get("kind") == "shape" and "tok_s" in r}
-        if recipe.startswith("kit"):
-            hw = next((r for r in recs if r.get("kind") == "homework"), None)
-            if hw:
-                rows.append((recipe, "packed, plan's tokens per step", hw["seconds"], "measured", hw))
-            continue
+        if recipe.startswith(("kit", "homework")):
+            continue  # measured through train(): the homework table
         for label, how in (("1 × 48", "batch 1, unpacked"), ("2 × 48", "batch 2, unpacked")):
             if label in shapes:
                 rows.append((recipe, how, tokens / shapes[label]["tok_s"], "projected", None))
@@ -402,16 +455,27 @@ def print_tables(results, out_dir):
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| homework (10,001 × ~48 tokens, 2 epochs) | how | seconds | |")
-    lines.append("|---|---|---|---|")
-    for recipe, how, sec, kind, hw in homework_rows(results):
-        extra = f", {hw['steps']} steps, {hw['tok_s']:,.0f} tok/s, peak {hw['peak_gib']:.1f} GiB, loss {hw['loss_first']:.2f} → {hw['loss_last']:.2f}" if hw else ""
-        lines.append(f"| {recipe} | {how} | {sec:,.1f} | {kind}{extra} |")
-    lines.append("")
-    for k, v in results.items():
-        for r in v:
-            if r.get("kind") == "loss_check":
-                lines.append(f"loss check ({k}): plain {r['plain']:.4f}, kit {r['kit']:.4f}, relative difference {r['rel_diff']:.2e}; varlen attention: {r.get('varlen')} {r.get('varlen_note', '')}")
+    homework = [r for v in results.values() for r in v if r.get("kind") == "homework"]
+    if homework:
+        lines.append("The homework through notebook 02's train() (notebook 01's data, repeats 10,000, general 0.2):")
+        lines.append("")
+        lines.append("| quantization | memory cap | what the plan picked | updates | median tok/s | peak GiB | loss first → last "
+                     "| grad norm | training s | student's wall s (start of train() → saved adapter) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in homework:
+            cap = f"{r['cap_gib']:.0f} GB" if r.get("cap_gib") else "none"
+            norm = f"finite (max {r['grad_norm_max']:.2f})" if r["grad_norm_finite"] else "**not finite**"
+            lines.append(f"| {r['quantization']} | {cap} | {r['picked']} | {r['updates']} | {r['tok_s']:,.0f} | "
+                         f"{r['peak_gib']:.1f} | {r['loss_first']:.3f} → {r['loss_last']:.4f} | {norm} | "
+                         f"{r['train_s']:.1f} | {r['wall_s']} |")
+        lines.append("")
+    peers = homework_rows(results)
+    if peers:
+        lines.append("| homework, peers (10,001 × ~48 tokens, 2 epochs) | how | seconds | |")
+        lines.append("|---|---|---|---|")
+        for recipe, how, sec, kind, _ in peers:
+            lines.append(f"| {recipe} | {how} | {sec:,.1f} | {kind} |")
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     (out_dir / "tables.md").write_text(text + "\n")
@@ -419,7 +483,8 @@ def print_tables(results, out_dir):
         for r in v:
             if r.get("kind") == "profile":
                 (out_dir / f"profile_{k}.txt").write_text(r["table"])
-                print(f"\nprofile ({k}):\n" + "\n".join(r["table"].splitlines()[:24]))
+                busy = f", GPU busy {100 * r['gpu_busy']:.0f}% of the wall time" if r.get("gpu_busy") else ""
+                print(f"\nprofile ({k}, updates 3-4 at 8 × 2048{busy}):\n" + "\n".join(r["table"].splitlines()[:24]))
 
 
 def main(argv=None):
@@ -430,9 +495,12 @@ def main(argv=None):
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
     ap.add_argument("--no-homework", action="store_true")
+    ap.add_argument("--kit-rows", default="", help="only these packed shapes for the kit, e.g. 4,8 (rows × 2048)")
     ap.add_argument("--deadline", type=int, default=0, help="stop starting recipes after this many seconds (0: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kit_rows:
+        os.environ["BENCH_KIT_ROWS"] = args.kit_rows  # the workers inherit it
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir or f"/tmp/kit-bench-{'tiny' if args.tiny else 'real'}")
@@ -469,7 +537,7 @@ def main(argv=None):
         print(f"{recipe}: {time.perf_counter() - t1:.0f} s" + (f" — {err}" if err else ""), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))  # partial results survive a time limit
         for r in recs:
-            if r.get("kind") in ("shape", "homework", "loss_check"):
+            if r.get("kind") in ("shape", "homework"):
                 print("   ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "recipe"}, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results, out)

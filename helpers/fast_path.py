@@ -76,7 +76,7 @@ def make_plan(preset: str = "auto", gpu_memory_gib: float | None = None, bf16: b
 
     cuda = torch.cuda.is_available()
     if gpu_memory_gib is None:
-        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+        gpu_memory_gib = _process_memory_gib() if cuda else 0.0
     if bf16 is None:
         bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     if has_4bit is None:
@@ -210,7 +210,11 @@ def kit_varlen_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              is_causal=attention_mask is None and t > 1, enable_gqa=hq != hk)
         return out.transpose(1, 2).contiguous(), None
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _VARLEN["ok"]:
+    if query.is_cuda and _VARLEN["ok"]:
+        if query.dtype not in (torch.bfloat16, torch.float16):  # an fp32 residual stream: flash needs 16-bit
+            out, _ = kit_varlen_attention(module, query.to(torch.bfloat16), key.to(torch.bfloat16),
+                                          value.to(torch.bfloat16), attention_mask, scaling, dropout, **kwargs)
+            return out.to(query.dtype), None
         try:
             fn, causal, gqa = _varlen_call()
         except Exception as e:  # an older torch: the exact (slower) masked SDPA below
@@ -241,7 +245,10 @@ def use_kit_attention(model) -> None:
 
 
 def causal_lm(model):
-    """The *ForCausalLM inside a PeftModel (or the model itself)."""
+    """The *ForCausalLM inside a PeftModel (or the model itself), through DDP / compile wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
 
@@ -287,6 +294,28 @@ class FusedLinearCrossEntropy:
         return _F.apply(hidden, weight.detach(), targets)
 
 
+def _head_chunk_ce(head, h, y):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def head_cross_entropy(hidden, head, targets, chunk=4096):
+    """CE(head(hidden), targets) summed, chunk by chunk, for an output layer that trains (a LoRA on it): each
+    chunk's logits are recomputed in the backward instead of kept, and gradients reach the head's adapter."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.sum() * 0.0  # no trained position: a zero that still belongs to the graph
+    for s in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_head_chunk_ce, head, hidden[s:s + chunk], targets[s:s + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+def _head_trains(head) -> bool:
+    return any(p.requires_grad for p in head.parameters())
+
+
 def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: float | None = None):
     """Mean CE over the batch's trained positions (or sum / normalizer), without full-vocabulary logits."""
 
@@ -301,7 +330,9 @@ def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: fl
     y = targets.index_select(0, keep)
     head = lm.get_output_embeddings()
     chunk = plan.loss_chunk if plan else 4096
-    if plan is not None and plan.loss == "liger":
+    if _head_trains(head):  # an adapter on the output layer: its gradient must flow (the fused loss has none)
+        total = head_cross_entropy(h, head, y, chunk)
+    elif plan is not None and plan.loss == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
@@ -337,72 +368,185 @@ def batch_from_positions(inputs: dict, pad_to: int | None = None, max_seq: int |
             "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def packed_trainer_loss(model, inputs: dict, num_items_in_batch=None):
-    """The Trainer's loss on the fast path: kit attention (and compiled layers, when the model was prepared with
-    `prepare_trainer_model`) for this forward only, fused chunked CE."""
-    import torch
+def set_training_mode(model, on: bool) -> None:
+    """Switch a model prepared by `prepare_trainer_model` between training (kit varlen attention, compiled
+    layers, adapters fed 16-bit inputs under autocast) and generation (the model's own attention, eager layers).
+
+    The switch stays on from the first packed loss until `set_training_mode(model, False)`: recomputed layers
+    (gradient checkpointing) run again in the backward and must see the forward's attention and layers.
+    """
+    lm = causal_lm(model)
+    fast = getattr(lm, "_kit_trainer_fast", None)
+    if not fast or fast.get("training", False) == on:
+        return
     from transformers import AttentionInterface
 
+    if on:
+        AttentionInterface.register(ATTENTION_NAME, kit_varlen_attention)
+        fast["attention_before"] = lm.config._attn_implementation
+        lm.config._attn_implementation = ATTENTION_NAME
+    else:
+        lm.config._attn_implementation = fast.get("attention_before", lm.config._attn_implementation)
+    for layer, compiled in zip(lm.get_decoder().layers, fast.get("compiled") or []):
+        layer._compiled_call_impl = compiled if on else None
+    for module in lm.modules():  # under autocast the fp32 adapters take 16-bit inputs as they are
+        if hasattr(module, "cast_input_dtype_enabled") and fast.get("autocast"):
+            module.cast_input_dtype_enabled = not on
+    fast["training"] = on
+
+
+class generation_mode:
+    """`with generation_mode(model):` answers questions with the model's own attention and eager layers, and
+    returns to training after (a no-op for a model that is not in training mode)."""
+
+    def __init__(self, model):
+        self.model, self.was = model, bool((getattr(causal_lm(model), "_kit_trainer_fast", None) or {}).get("training"))
+
+    def __enter__(self):
+        set_training_mode(self.model, False)
+
+    def __exit__(self, *exc):
+        if self.was:
+            set_training_mode(self.model, True)
+
+
+def packed_trainer_loss(model, inputs: dict, num_items_in_batch=None):
+    """The Trainer's loss on the fast path: kit attention (and compiled layers, when the model was prepared with
+    `prepare_trainer_model`), fused chunked CE, bf16 autocast on a GPU."""
+    import contextlib
+
+    import torch
+
     lm = causal_lm(model)
-    AttentionInterface.register(ATTENTION_NAME, kit_varlen_attention)
     fast = getattr(lm, "_kit_trainer_fast", None) or {}
-    layers = list(lm.get_decoder().layers) if fast.get("compiled") else []
-    before = lm.config._attn_implementation
-    lm.config._attn_implementation = ATTENTION_NAME  # generation in evaluation keeps the model's own attention
-    for layer, compiled in zip(layers, fast.get("compiled") or []):
-        layer._compiled_call_impl = compiled  # evaluation's generation runs the eager layers
+    set_training_mode(model, True)
+    compiled = bool(fast.get("compiled"))
+    batch = batch_from_positions(inputs, fast.get("pad_to"), fast.get("max_seq"))
+    if compiled:  # the number of samples changes every step: one compiled graph for all of them
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            torch._dynamo.maybe_mark_dynamic(batch[key], 0)
+    n = float(num_items_in_batch) if num_items_in_batch is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast.get("autocast") and inputs["input_ids"].is_cuda \
+        else contextlib.nullcontext()
     try:
-        batch = batch_from_positions(inputs, fast.get("pad_to"), fast.get("max_seq"))
-        if layers:  # the number of samples changes every step: one compiled graph for all of them
-            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-                torch._dynamo.maybe_mark_dynamic(batch[key], 0)
-        n = float(num_items_in_batch) if num_items_in_batch is not None else None
-        return packed_loss(model, batch, fast.get("plan"), normalizer=n)
+        with autocast:
+            return packed_loss(model, batch, fast.get("plan"), normalizer=n)
     except torch._dynamo.exc.TorchDynamoException as e:  # compilation failed (inductor's errors are wrapped)
-        if not layers:
+        if not compiled:
             raise
         print(f"note: compiling the layers failed ({type(e).__name__}); training goes on with eager layers.")
+        set_training_mode(model, False)
         fast["compiled"], fast["plan"].compile_layers = [], False
-        for layer in layers:
-            layer._compiled_call_impl = None
         return packed_trainer_loss(model, inputs, num_items_in_batch)
-    finally:
-        lm.config._attn_implementation = before
-        for layer in layers:
-            layer._compiled_call_impl = None
 
 
 # ---------------------------------------------------------------- helpers.train's Trainer on the fast path
-def trainer_plan(config, quantization: str, cuda: bool | None = None) -> FastPlan | None:
+GIB = 2**30
+
+
+def gpu_memory_gib(device: int = 0) -> float:
+    """The GPU memory this process may use: the card's, times the per-process fraction when one is set
+    (`torch.cuda.set_per_process_memory_fraction`, e.g. to act as a smaller card)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return total * (fraction(device) if fraction else 1.0) / GIB
+
+
+_process_memory_gib = gpu_memory_gib
+
+
+def footprint(model_config, precision: str, lora_r: int, vocab_chunk: int) -> dict:
+    """Bytes the training needs on the GPU, by part, for a Llama-like decoder (weights, adapters with their
+    gradients and AdamW states, activations per token stored or recomputed, one chunk of the loss)."""
+    c = model_config
+    h, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    d = getattr(c, "head_dim", None) or h // heads
+    vocab = c.vocab_size
+    linear = layers * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * f)
+    embeddings = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    lora = layers * lora_r * ((h + heads * d) * 2 + 2 * (h + kv * d) + 3 * (h + f))
+    per_layer_token = (14 * h + 4 * f) * 2  # bf16 tensors a decoder layer keeps for its backward, per token
+    nf4 = precision == "nf4"
+    return {
+        "weights": (0.52 if nf4 else 2.0) * linear + 2.0 * embeddings,
+        "adapters": 18.0 * lora,  # fp32 weight, gradient, two AdamW moments, the bf16 copy autocast caches
+        "stored_per_token": layers * per_layer_token * (1.2 if nf4 else 1.0),  # H200, 1.8B: 59.5 vs 52.7 GB
+        "recomputed_per_token": layers * h * 2 + per_layer_token,
+        "loss_chunk": vocab_chunk * vocab * 10.0,  # fp32 logits and probabilities, their 16-bit copy
+    }
+
+
+def size_plan(model_config, quantization: str, memory_gib: float, max_length: int, batch_size: int,
+              rows_per_update: int, lora_r: int, checkpointing: bool | None = None) -> dict:
+    """Precision, recomputation, rows per forward and loss chunk that fit `memory_gib` (peak <= ~85%).
+
+    quantization "auto" tries bf16 weights first, then NF4; "nf4" and "none" keep their precision.
+    Stored activations win when at least min(4, rows per update) rows fit in one forward (no second forward);
+    else the layers are recomputed and the forward takes as many rows as fit. checkpointing True/False forces it.
+    """
+    chunk = 4096 if memory_gib >= 40 else 1024
+    precisions = {"auto": ["bf16", "nf4"], "nf4": ["nf4"], "none": ["bf16"]}[quantization]
+    modes = [False, True] if checkpointing is None else [checkpointing]
+    # First choice: a forward of at least min(4, rows per update) rows; stored activations before recomputed
+    # ones, 16-bit before 4-bit weights. Then anything that fits one row.
+    for want in (min(4, rows_per_update), batch_size):
+        for recompute in modes:
+            for precision in precisions:
+                need = footprint(model_config, precision, lora_r, chunk)
+                fixed = need["weights"] + need["adapters"] + need["loss_chunk"]
+                per_token = need["recomputed_per_token" if recompute else "stored_per_token"]
+                rows_fit = int(max(0.0, 0.85 * memory_gib * GIB - fixed - 0.5 * GIB) // (per_token * max_length))
+                if rows_fit < max(want, batch_size):
+                    continue
+                rows, accumulation = trainer_batches(rows_fit * max_length, max_length, batch_size, rows_per_update)
+                return {"precision": precision, "gradient_checkpointing": recompute, "rows": rows,
+                        "accumulation": accumulation, "loss_chunk": chunk, "fits": True,
+                        "estimate_gib": round((fixed + rows * max_length * per_token) / GIB, 1)}
+    precision = precisions[-1]  # nothing fits: the leanest choice, said so in the plan's reason
+    need = footprint(model_config, precision, lora_r, 1024)
+    return {"precision": precision, "gradient_checkpointing": modes[-1], "rows": batch_size,
+            "accumulation": max(1, rows_per_update // batch_size), "loss_chunk": 1024, "fits": False,
+            "estimate_gib": round((need["weights"] + need["adapters"] + need["loss_chunk"]
+                                   + batch_size * max_length * need["recomputed_per_token"]) / GIB, 1)}
+
+
+def trainer_plan(config, quantization: str, model_config=None, memory_gib: float | None = None,
+                 cuda: bool | None = None, bf16: bool | None = None) -> FastPlan | None:
     """The fast path for helpers.train (notebook 02), or None where it does not apply (no CUDA GPU, no bf16,
     rows not packed): the Trainer then trains exactly as before.
 
-    `quantization` is what helpers.train resolved ("nf4" or "none"). 16-bit: compiled layers, and with
-    config.quantization "auto" the plan also picks recomputation for the GPU (none on a big card).
-    Both: adapters in bf16, packed varlen rows of the plan's tokens per forward at the same effective batch.
+    `quantization` is the config's ("auto", "nf4" or "none"). For "auto" and "nf4" the plan sizes precision
+    (auto only), recomputation, rows per forward and the loss chunk to the GPU memory this process may use
+    (`size_plan`); for "none" recomputation is as configured. Adapters and their AdamW states stay fp32 (bf16
+    autocast for the products); 16-bit weights get compiled layers.
     """
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if not cuda or not config.pack_to_max_length or not torch.cuda.is_bf16_supported():
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+    if not cuda or not config.pack_to_max_length or not bf16:
         return None
-    plan = make_plan("lean" if quantization == "nf4" else "fast")
-    plan.kernels = "torch"
-    planned = plan.gradient_checkpointing
-    if quantization == "nf4":
-        plan.precision, plan.compile_layers = "nf4", False
-    if quantization == "nf4" or config.quantization != "auto":  # asked for by name: recomputation as configured
-        plan.gradient_checkpointing = bool(config.gradient_checkpointing)
+    memory_gib = gpu_memory_gib() if memory_gib is None else memory_gib
     rows = config.batch_size * config.gradient_accumulation
-    # The plan sized its tokens per forward for recomputed layers: without recomputation keep the configured rows.
-    tokens = config.batch_size * config.max_length if planned and not plan.gradient_checkpointing \
-        else plan.tokens_per_step
-    per_forward, accumulation = trainer_batches(tokens, config.max_length, config.batch_size, rows)
-    plan.tokens_per_step, plan.accumulation = per_forward * config.max_length, accumulation
-    plan.extras = {"batch_size": per_forward, "gradient_accumulation": accumulation}
-    plan.reason = (f"{plan.precision} LoRA (bf16 adapters), {'recomputed' if plan.gradient_checkpointing else 'stored'}"
-                   f" activations{', compiled layers' if plan.compile_layers else ''}, {per_forward} packed rows of "
-                   f"{config.max_length} per forward x {accumulation} (same {rows} rows per update).")
+    forced = None if quantization in ("auto", "nf4") else bool(config.gradient_checkpointing)
+    sized = size_plan(model_config, quantization, memory_gib, config.max_length, config.batch_size, rows,
+                      config.lora_r, forced)
+    precision = sized["precision"]
+    plan = FastPlan(device="cuda", precision=precision, gradient_checkpointing=sized["gradient_checkpointing"],
+                    tokens_per_step=sized["rows"] * config.max_length, accumulation=sized["accumulation"],
+                    attention="varlen" if varlen_available() else "sdpa", loss_chunk=sized["loss_chunk"],
+                    compile_layers=precision != "nf4")
+    plan.extras = {"batch_size": sized["rows"], "gradient_accumulation": sized["accumulation"],
+                   "memory_gib": round(memory_gib, 1), "estimate_gib": sized["estimate_gib"]}
+    fits = "" if sized["fits"] else " (the estimate does not fit: lower max_length or lora_r if it runs out)"
+    plan.reason = (f"{memory_gib:.0f} GiB for this process: {precision} weights, fp32 adapters, "
+                   f"{'recomputed' if plan.gradient_checkpointing else 'stored'} activations"
+                   f"{', compiled layers' if plan.compile_layers else ''}, {sized['rows']} packed rows of "
+                   f"{config.max_length} per forward x {sized['accumulation']} (same {rows} rows per update), "
+                   f"loss chunk {sized['loss_chunk']}, estimated peak {sized['estimate_gib']} GiB{fits}.")
     return plan
 
 
@@ -415,13 +559,13 @@ def trainer_batches(tokens_per_forward: int, max_length: int, batch_size: int, r
 
 
 def prepare_trainer_model(model, plan: FastPlan, max_length: int):
-    """A PeftModel for helpers.train's Trainer: bf16 adapters, compiled layers (switched on only inside
-    packed_trainer_loss), fixed packed shapes. Returns the model."""
+    """A PeftModel for helpers.train's Trainer: fp32 adapters (bf16 autocast on a GPU), compiled layers and the
+    kit attention (switched on by `set_training_mode`), fixed packed shapes. Returns the model."""
     import torch
 
-    for name, p in model.named_parameters():
-        if "lora_" in name and p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
+    for name, p in model.named_parameters():  # the schedule's last small updates survive only in fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     compiled = []
     if plan.compile_layers:
         for layer in causal_lm(model).get_decoder().layers:
@@ -429,111 +573,28 @@ def prepare_trainer_model(model, plan: FastPlan, max_length: int):
             compiled.append(layer._compiled_call_impl)
             layer._compiled_call_impl = None
     causal_lm(model)._kit_trainer_fast = {"plan": plan, "compiled": compiled, "pad_to": plan.tokens_per_step,
-                                          "max_seq": max_length}
+                                          "max_seq": max_length, "autocast": plan.device == "cuda",
+                                          "training": False}
     return model
+
+
+COMPILE_MIN_UPDATES = 400  # H200, 1.8B, 16k tokens: compiling costs ~22 s and saves ~0.06 s an update
+
+
+def fit_compile_to_run(model, updates: int) -> None:
+    """Compiled layers only for a run long enough to win back the compilation (else eager layers)."""
+    fast = getattr(causal_lm(model), "_kit_trainer_fast", None)
+    if fast and fast.get("compiled") and updates < COMPILE_MIN_UPDATES:
+        fast["compiled"], fast["plan"].compile_layers = [], False
+        fast["plan"].reason = fast["plan"].reason.replace(", compiled layers", "") + \
+            f" Eager layers: {updates} updates do not win back the ~20 s compilation."
 
 
 def trainer_arguments(plan: FastPlan) -> dict:
     """TrainingArguments the fast path changes: rows per forward and per update (same product), fused AdamW."""
     return {"per_device_train_batch_size": plan.extras["batch_size"],
-            "gradient_accumulation_steps": plan.extras["gradient_accumulation"], "optim": "adamw_torch_fused"}
-
-
-# ---------------------------------------------------------------- model loading
-def load_for_training(model_path, plan: FastPlan, lora_r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """Base model in the plan's precision, LoRA adapters in the same dtype as the compute, packed attention on."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "nf4": torch.bfloat16}.get(plan.precision, torch.float32)
-    kwargs = {"dtype": dtype}
-    if plan.precision == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    if plan.device == "cuda":
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    return add_lora(model, plan, lora_r, lora_alpha, lora_dropout, target_modules)
-
-
-def add_lora(model, plan: FastPlan, lora_r=64, lora_alpha=16, lora_dropout=0.0,
-             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """LoRA in the compute dtype (no fp32 adapter copies of each activation), packed attention, recomputation."""
-    from peft import LoraConfig, get_peft_model
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if plan.kernels == "liger":
-        plan.kernels = _apply_liger(model)
-    if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                        target_modules=list(target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config, autocast_adapter_dtype=plan.precision == "fp32")
-    if plan.precision in ("bf16", "fp16", "nf4"):  # adapters in the compute dtype: no fp32 copy of each input
-        import torch
-
-        dtype = torch.float16 if plan.precision == "fp16" else torch.bfloat16
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(dtype)
-    use_kit_attention(model)
-    model.train()
-    if plan.compile_layers:
-        for layer in causal_lm(model).get_decoder().layers:
-            layer.compile()
-    return model
-
-
-def _apply_liger(model) -> str:
-    """Liger's fused RMSNorm, SwiGLU and RoPE on this model instance; the loss stays the kit's own."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                        fused_linear_cross_entropy=False)
-        return "liger"
-    except Exception as e:  # not supported for this architecture or this GPU: plain torch ops
-        return f"torch (liger failed: {type(e).__name__})"
-
-
-def optimizer_for(model, plan: FastPlan, lr: float = 2e-4):
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=plan.device == "cuda")
-
-
-def packed_steps(examples: list[dict], plan: FastPlan, epochs: int = 1, seed: int = 0, pad_id: int = 0,
-                 device=None):
-    """Yield optimizer steps: each a list of `plan.accumulation` collated rows of plan.tokens_per_step tokens."""
-    for epoch in range(epochs):
-        rows = pack_examples(examples, plan.tokens_per_step, seed=seed + epoch)
-        for i in range(0, len(rows), plan.accumulation):
-            yield [collate_packed(r, pad_to=plan.tokens_per_step, pad_id=pad_id, device=device)
-                   for r in rows[i:i + plan.accumulation]]
-
-
-def train_step(model, optimizer, micro_batches: list[dict], plan: FastPlan, max_grad_norm: float | None = 1.0):
-    """One optimizer step over packed rows; the loss is the mean over every trained token of the step."""
-    import torch
-
-    n = sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches)
-    total = 0.0
-    for b in micro_batches:
-        loss = packed_loss(model, b, plan, normalizer=max(1, n))
-        loss.backward()
-        total += float(loss.detach())
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
+            "gradient_accumulation_steps": plan.extras["gradient_accumulation"],
+            "optim": "adamw_torch_fused" if plan.device == "cuda" else "adamw_torch"}
 
 
 # ---------------------------------------------------------------- what this machine offers
@@ -577,6 +638,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["FastPlan", "make_plan", "pack_examples", "collate_packed", "packed_loss", "load_for_training",
-           "add_lora", "train_step", "packed_steps", "fast_paths", "use_kit_attention", "flops_per_token",
-           "trainer_plan", "prepare_trainer_model", "trainer_arguments"]
+__all__ = ["FastPlan", "make_plan", "pack_examples", "collate_packed", "packed_loss", "fast_paths",
+           "use_kit_attention", "flops_per_token", "trainer_plan", "size_plan", "prepare_trainer_model",
+           "trainer_arguments", "set_training_mode", "generation_mode"]

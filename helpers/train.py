@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -26,6 +27,14 @@ from .progress import tqdm as progress_bar
 
 class TrainConfigError(ValueError):
     """A training parameter that cannot work; the message names it and the fix."""
+
+
+class TrainingDiverged(TrainConfigError):
+    """The loss or the gradient norm stopped being a finite number; the message says which update and what to try."""
+
+    def __init__(self, update: int, loss: float, grad_norm: float, message: str | None = None):
+        self.update, self.loss, self.grad_norm = update, loss, grad_norm
+        super().__init__(message or f"update {update}: loss {loss}, gradient norm {grad_norm}")
 
 
 # Course knobs. None means "take the preset's value"; anything set explicitly wins over the preset.
@@ -46,6 +55,7 @@ PRESETS = {
 }
 QUANTIZATIONS = ("auto", "nf4", "none")
 CHECKPOINT_MARK = "checkpoint_complete.json"  # written last, listing every file and its size
+LOSS_SUM_FILE = "loss_sum.json"  # in each checkpoint: the sum of every update's loss so far (for mean_loss)
 RUN_FILE = "run.json"  # the fingerprint of the run the checkpoints belong to
 
 
@@ -203,12 +213,19 @@ def load_model_for_training(config: TrainConfig, model_path: str):
 
     if Path(model_path).exists():
         check_model_dir(model_path)
-    quantization, note = resolve_quantization(config.quantization)
-    plan = None
-    if torch.cuda.is_available():  # bf16 adapters, compiled layers, big packs (helpers.fast_path); None: as below
-        from .fast_path import trainer_plan
+    from transformers import AutoConfig
 
-        plan = trainer_plan(config, quantization)
+    from . import fast_path
+
+    # On a CUDA GPU: fp32 adapters, compiled layers, packs sized to the card (helpers.fast_path); None elsewhere.
+    plan = fast_path.trainer_plan(config, config.quantization,
+                                  AutoConfig.from_pretrained(model_path) if torch.cuda.is_available() else None)
+    if plan is not None and config.quantization == "auto":
+        quantization = "nf4" if plan.precision == "nf4" else "none"
+        note = ("4-bit NF4 with double quantisation (QLoRA): 16-bit weights do not fit this GPU" if quantization == "nf4"
+                else "a GPU with room for them: LoRA on the 16-bit model")
+    else:
+        quantization, note = resolve_quantization(config.quantization)
     checkpointing = plan.gradient_checkpointing if plan is not None else config.gradient_checkpointing
     kwargs = {}
     if quantization == "nf4":
@@ -227,7 +244,7 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask builder
-    if quantization == "nf4":
+    if quantization == "nf4" and plan is None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
@@ -345,8 +362,9 @@ def make_collator(tokenizer) -> Collator:
 
 def compute_loss(model, inputs: dict, num_items_in_batch=None):
     """Cross-entropy on the trained (assistant) tokens; returns (loss, outputs). A faster loss can replace this."""
-    if "position_ids" in inputs and inputs["input_ids"].is_cuda:  # packed rows on a GPU: the kit's fast path
-        from .fast_path import packed_trainer_loss
+    from .fast_path import causal_lm, packed_trainer_loss
+
+    if "position_ids" in inputs and getattr(causal_lm(model), "_kit_trainer_fast", None):  # planned: the fast path
 
         return packed_trainer_loss(model, inputs, num_items_in_batch), None
     kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
@@ -398,6 +416,23 @@ def _trainer_class():
         """Trainer with the kit's loss hook, token counting and atomic checkpoints."""
 
         tokens_seen = 0
+        loss_sum_before = 0.0  # the loss summed over the updates a resumed run inherits from its checkpoint
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Checked before the optimizer step, once per update (one sync): a non-finite loss or gradient norm
+            # stops here, so no NaN reaches the weights, a checkpoint or the adapter.
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+            import torch
+
+            loss = self._tr_loss.detach().float()
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device)
+            if not bool(torch.isfinite(loss + norm)):
+                raise TrainingDiverged(self.state.global_step + 1, float(loss), float(norm))
+            return grad_norm
+
+        def loss_sum(self) -> float:
+            """Sum of every update's loss so far, the updates before a resume included."""
+            return self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.tokens_seen += int(inputs["input_ids"].numel())
@@ -417,6 +452,8 @@ def _trainer_class():
             finally:
                 self.args.output_dir, self.args.save_total_limit = str(final_root), limit
             staged = staging_root / f"checkpoint-{self.state.global_step}"
+            (staged / LOSS_SUM_FILE).write_text(json.dumps({"loss_sum": self.loss_sum(),
+                                                            "step": self.state.global_step}))
             _mark_complete(staged)
             target = final_root / staged.name
             if target.exists():
@@ -455,10 +492,14 @@ def _callbacks():
         def evaluate(self, model, step: int) -> None:
             from .generation import generate_answers
 
+            from .fast_path import generation_mode
+
             if step in self.done:
                 return
-            answers = generate_answers(model, self.tokenizer, self.config.evaluation_inputs, system=self.config.system,
-                                       max_new_tokens=self.config.max_new_tokens, use_cache=True)
+            with generation_mode(model):  # the model's own attention and eager layers for generating
+                answers = generate_answers(model, self.tokenizer, self.config.evaluation_inputs,
+                                           system=self.config.system, max_new_tokens=self.config.max_new_tokens,
+                                           use_cache=True)
             record = {"step": step, "inputs": self.config.evaluation_inputs, "answers": answers}
             atomic_write_text(self.out_dir / f"step_{step:06d}.json", json.dumps(record, ensure_ascii=False, indent=1))
             self.done.add(step)
@@ -643,6 +684,24 @@ def _finished_step(checkpoint: str | None) -> int | None:
     return state["global_step"] if state["global_step"] >= state["max_steps"] > 0 else None
 
 
+def _loss_sum_of(checkpoint: str | None) -> float:
+    """The loss summed over the updates before `checkpoint` (0 for a new run)."""
+    if checkpoint is None or not (Path(checkpoint) / LOSS_SUM_FILE).exists():
+        return 0.0
+    return float(json.loads((Path(checkpoint) / LOSS_SUM_FILE).read_text())["loss_sum"])
+
+
+def _diverged_sentence(e: TrainingDiverged, work: Work, config: TrainConfig) -> str:
+    what = "loss" if not math.isfinite(e.loss) else "gradient norm"
+    value = e.loss if what == "loss" else e.grad_norm
+    kept = complete_checkpoints(work.checkpoints)
+    where = (f"the last good checkpoint {kept[-1]} is kept (resume='auto' continues from it)" if kept
+             else "no checkpoint had been saved yet")
+    return (f"training stopped at update {e.update}: the {what} became {value} (not a finite number), so no adapter "
+            f"was saved and {where}; try a lower lr (now {config.lr:g}, e.g. {config.lr / 4:g}), or "
+            f"quantization='none' if this was 4-bit, or max_grad_norm=0.3.")
+
+
 def _load_adapter_weights(model, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -676,6 +735,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
         seed=config.seed, data_seed=config.seed, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0, bf16=bf16,
         dataloader_pin_memory=torch.cuda.is_available(),
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop training), not averaged away
         gradient_checkpointing=False,  # enabled on the model itself, before the adapter goes on
     )
     if plan is not None:  # the fast path: more rows per forward, fewer per accumulation (same update)
@@ -697,6 +757,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     from .base_model import resolve_base_model
     from .paths import work as make_work
 
+    wall_start = time.perf_counter()
     work = work or make_work()
     config = (config or TrainConfig()).resolved()
     if config.evaluation_inputs is None:
@@ -714,6 +775,12 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     resume_from = _prepare_train_dir(work, config, fingerprint)
 
     plan = (getattr(model.get_base_model(), "_kit_trainer_fast", None) or {}).get("plan")
+    if plan is not None:
+        from .fast_path import fit_compile_to_run
+
+        per_update = config.batch_size * config.gradient_accumulation
+        fit_compile_to_run(model, config.max_steps if config.max_steps and config.max_steps > 0
+                           else math.ceil(len(rows) / per_update * (config.epochs or 1)))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     args = training_arguments(config, work.checkpoints, plan)
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
@@ -732,19 +799,28 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         torch.set_num_threads(config.cpu_threads)
     start = time.perf_counter()
     finished = _finished_step(resume_from)
+    trainer.loss_sum_before = _loss_sum_of(resume_from)
     try:
         with warnings.catch_warnings():  # peft notes that an output-layer adapter also saves that layer: intended
             warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
             if finished is None:
-                mean_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
+                steps_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # / all steps
+                mean_loss = (trainer.loss_sum_before + steps_loss * trainer.state.global_step) / max(
+                    1, trainer.state.global_step)
             else:  # Trainer would take one more step; the run is done, so take its last adapter as it is
                 print(f"this run already finished at step {finished}; resume=False trains it again.")
                 _load_adapter_weights(model, Path(resume_from))
-                trainer.state.global_step, mean_loss = finished, None
+                trainer.state.global_step = finished
+                mean_loss = trainer.loss_sum_before / max(1, finished) if trainer.loss_sum_before else None
                 metrics_cb.rows = read_metrics(work)
                 metrics_cb.draw(final=True)
+    except TrainingDiverged as e:
+        raise TrainingDiverged(e.update, e.loss, e.grad_norm, _diverged_sentence(e, work, config)) from None
     finally:
         torch.set_num_threads(threads)
+        from .fast_path import set_training_mode
+
+        set_training_mode(model, False)  # the returned model answers with its own attention and eager layers
     seconds = time.perf_counter() - start
 
     metrics = read_metrics(work)
@@ -752,13 +828,16 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         "hyper_parameters": config.hyper_parameters(), "quantization": quantization, "base_model": str(model_path),
         "data_file": str(data_path), "data_sha256": data_sha, "data": data_summary, "steps": trainer.state.global_step,
         "first_loss": metrics[0]["loss"] if metrics else None, "final_loss": metrics[-1]["loss"] if metrics else None,
-        "mean_loss": mean_loss, "train_seconds": round(seconds, 1), "resumed_from": resume_from,
+        "mean_loss": None if mean_loss is None else round(mean_loss, 6), "train_seconds": round(seconds, 1),
+        "resumed_from": resume_from,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if plan is not None:
         record["fast_path"] = plan.as_dict()
     adapter = save_adapter(model, tokenizer, work.adapter, record)
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 1)  # what the student waited: load to adapter
+    atomic_write_text(adapter / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1, default=str))
     evals = evaluation_rounds(work)
     return record | {"adapter": str(adapter), "answers_before": evals[0]["answers"] if evals else [],
                      "answers_after": evals[-1]["answers"] if evals else [],

@@ -177,7 +177,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     straight, broken = make_work(tmp_path / "straight"), make_work(tmp_path / "broken")
     for w in (straight, broken):
         make_dataset(w.dataset, repeats=80, general_ratio=0.2)
-    train(TrainConfig(**kw), straight)
+    straight_result = train(TrainConfig(**kw), straight)
 
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(broken.root), json.dumps(kw), "10"], env=env)
@@ -195,6 +195,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
 
     result = train(TrainConfig(**kw), broken)  # resume="auto"
     assert result["resumed_from"].endswith("checkpoint-8") and result["steps"] == 12
+    assert result["mean_loss"] == pytest.approx(straight_result["mean_loss"], rel=1e-4)  # all 12 updates, not 4
     a, b = _adapter_weights(straight), _adapter_weights(broken)
     assert a.keys() == b.keys()
     for k in a:

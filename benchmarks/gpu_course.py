@@ -1,0 +1,101 @@
+"""The whole course, notebooks 00 -> 06, on a GPU at the real model's dimensions, through the runner.
+
+Builds a Llama with internlm2-chat-1.8b dimensions and random weights (benchmarks/bench.py's model, nothing
+downloaded), then runs each notebook with `helpers.runner.run_course` (papermill), preset "homework", and
+prints one table: notebook, status, seconds, peak GPU memory (sampled with nvidia-smi while it runs; the
+notebook's own figure where its results record one) and `identity learned` (notebooks 02-04).
+
+    python benchmarks/gpu_course.py --work /tmp/course-gpu      # on the GPU machine
+    python benchmarks/gpu_course.py --tiny --work /tmp/c        # tiny dims on a CPU: checks the script only
+
+The GPU machine has no papermill/ipykernel: carry them as wheels (benchmarks/README.md, "The whole course").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+class GpuMemorySampler:
+    """Peak device memory in use (all processes: the notebook's kernel is another process), every 0.5 s."""
+
+    def __init__(self):
+        self.peak_mib, self.stop = 0, threading.Event()
+        self.ok = shutil.which("nvidia-smi") is not None
+
+    def __enter__(self):
+        if self.ok:
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
+        return self
+
+    def run(self):
+        while not self.stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                self.peak_mib = max(self.peak_mib, int(out[0]))
+            self.stop.wait(0.5)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/course-gpu", help="the course's work directory (replaced)")
+    ap.add_argument("--model-dir", default=None, help="where the random-weight model is built")
+    ap.add_argument("--tiny", action="store_true", help="tiny dims and the tiny preset (a CPU check of the script)")
+    ap.add_argument("--only", default=None, help="comma-separated notebook numbers (default: all)")
+    args = ap.parse_args(argv)
+
+    from bench import build_model
+
+    from helpers.paths import work as make_work
+    from helpers.runner import course_notebooks, print_table, run_course
+
+    model_dir = Path(args.model_dir or f"/tmp/kit-bench-{'tiny' if args.tiny else 'real'}")
+    t0 = time.perf_counter()
+    build_model(model_dir, args.tiny)
+    print(f"model ({'tiny' if args.tiny else 'internlm2-chat-1.8b'} dims, random weights): {model_dir} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    w = make_work(args.work)
+    if w.root.exists():
+        shutil.rmtree(w.root)
+    params = {"base_model": str(model_dir), "preset": "tiny" if args.tiny else "homework"}
+    rows, status = [], 0
+    for nb in course_notebooks(args.only.split(",") if args.only else None):
+        number = nb.name[:2]
+        start = time.perf_counter()
+        with GpuMemorySampler() as sampler:
+            code = run_course(w.root, only=[number], params=params, quiet=True)
+        seconds = time.perf_counter() - start
+        results = {}
+        for p in w.results.glob(f"{number}_*.json"):
+            results = json.loads(p.read_text(encoding="utf-8"))
+        own = results.get("peak_memory_mb")
+        peak = f"{sampler.peak_mib / 1024:.1f} GiB" if sampler.ok else "–"
+        if own:
+            peak += f" (training {own / 1024:.1f} GiB)"
+        learned = results.get("identity_learned", "–")
+        rows.append((nb.name, "ok" if code == 0 else "FAILED", f"{seconds:.1f}", peak, learned))
+        if code != 0:
+            status = 1
+            break
+    print()
+    print_table(["notebook", "status", "seconds", "peak GPU memory", "identity learned"], rows)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
