@@ -220,23 +220,29 @@ def token_average_scale(trainer, num_items_in_batch) -> int:
 
 
 def unwrap(model):
-    """The PeftModel inside DDP / DeepSpeed / FSDP wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "get_base_model"):
+    """The PeftModel inside DDP / DeepSpeed wrappers (FSDP2 shards the model in place: it is its own inside)."""
+    while not hasattr(type(model), "get_base_model") and hasattr(model, "module"):  # the class's, not forwarded
         model = model.module
     return model
 
 
 def through_wrapper(model, fn):
-    """fn(inner_model) run as the wrapper's forward, so DDP / DeepSpeed / FSDP see a forward pass (DDP arms its
-    gradient averaging there, FSDP gathers the shards); unwrapped, fn runs as it is."""
-    inner = unwrap(model)
-    if inner is model:
+    """fn(inner_model) run as the model's forward, so DDP / DeepSpeed / FSDP see a forward pass: DDP arms its
+    gradient averaging there, FSDP gathers the root's shards. Called on the inner model instead, the ranks would
+    each keep their own gradients without a word. In one process fn runs as it is."""
+    if world_size() == 1:
         return fn(model)
-    inner.forward = lambda *a, **k: fn(inner)
+    inner = unwrap(model)
+
+    def forward_once(*args, **kwargs):
+        del inner.forward  # fn may call the model itself
+        return fn(inner)
+
+    inner.forward = forward_once
     try:
         return model()
     finally:
-        del inner.forward
+        inner.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager

@@ -113,3 +113,31 @@ def _has(module):
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _ranks_average_through_the_wrapper(out_dir: str) -> None:
+    """One rank: a DDP-wrapped layer, a loss computed on the inner module the way the GPU fast path does."""
+    from accelerate import PartialState
+
+    from helpers.distributed import through_wrapper
+
+    state = PartialState(cpu=True)
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1, bias=False))
+    x = torch.full((2, 4), float(state.process_index + 1))  # each rank its own rows
+    through_wrapper(ddp, lambda inner: inner(x).sum()).backward()
+    torch.save(ddp.module.weight.grad, f"{out_dir}/grad{state.process_index}.pt")
+    ddp.module.weight.grad = None
+    ddp.module(x).sum().backward()  # the inner module called directly: no averaging
+    torch.save(ddp.module.weight.grad, f"{out_dir}/alone{state.process_index}.pt")
+
+
+def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_ranks_average_through_the_wrapper, (str(tmp_path),), num_processes=2)
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1)]
+    alone = [torch.load(tmp_path / f"alone{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(grads[0], grads[1])  # averaged over the ranks: 2 rows of 1s and 2 rows of 2s
+    torch.testing.assert_close(grads[0], torch.full((1, 4), 3.0))
+    assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
