@@ -10,7 +10,7 @@ main rank, and whether the trained adapter answers the evaluation questions as t
 On the 2 x H200 machine (python 3.12, torch 2.11, transformers 5.17, accelerate 1.15), one command, ~8 min;
 the wheels are carried in .whl (peft, bitsandbytes) and .whl13 (deepspeed and what it needs):
 
-    pip install -q --no-deps .whl/peft-*.whl .whl13/*.whl && python benchmarks/multi_gpu.py --out $OUT
+    pip install -q --no-deps .whl/peft-*.whl && pip install -q --no-index --find-links .whl13 deepspeed && python benchmarks/multi_gpu.py --out $OUT
 
 CPU dry run (tiny dims, 2 processes over gloo; ZeRO-2 says in one sentence why it is skipped):
 

@@ -105,16 +105,20 @@ def _in_notebook() -> bool:
 
 
 def _rank_main(config_values: dict, work_root: str) -> None:
-    """One rank: join the process group (and take its own GPU), then train as that rank."""
-    from accelerate import PartialState
-
+    """One rank of a launch: train as that rank (train() joins the process group)."""
     from .paths import work as make_work
     from .train import TrainConfig, train
+
+    train(TrainConfig(**config_values), make_work(work_root))
+
+
+def join() -> None:
+    """This rank joins the process group and takes its own GPU (before anything is loaded onto one)."""
+    from accelerate import PartialState
 
     if not gpu_count():  # accelerate joins CPU processes (gloo) only when told it runs on the CPU
         os.environ["ACCELERATE_USE_CPU"] = "true"
     PartialState(cpu=not gpu_count())
-    train(TrainConfig(**config_values), make_work(work_root))
 
 
 def launch(config, work, how: str | None = None) -> dict:

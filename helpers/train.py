@@ -709,7 +709,9 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
 
     if config.num_gpus > 1 and distributed.world_size() == 1:  # start one process per GPU, each runs this function
         return distributed.launch(config, work)
-    config.num_gpus = distributed.world_size() if distributed.world_size() > 1 else config.num_gpus
+    if distributed.world_size() > 1:  # one rank of a launch (ours, accelerate launch or torchrun)
+        distributed.join()
+        config.num_gpus = distributed.world_size()
     rank_config = distributed.per_rank(config, config.num_gpus)  # this rank's share of the rows per update
     main = distributed.is_main()
 
