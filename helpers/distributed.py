@@ -191,7 +191,8 @@ def trainer_arguments(config) -> dict:
     """TrainingArguments for this rank's strategy (DDP needs none beyond the launch)."""
     if world_size() == 1:
         return {}
-    args = {"ddp_find_unused_parameters": False}  # every adapter weight is used in every forward
+    # Every adapter weight is used in every forward; the buffers (rotary frequencies) are the same on every rank.
+    args = {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
     if config.distributed == "zero2":
         args["deepspeed"] = {
             "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
