@@ -92,6 +92,8 @@ class TrainConfig:
     cpu_threads: int | None = None       # torch CPU threads while training (0: torch's default)
     seed: int = 0
     resume: bool | str = "auto"          # "auto": continue a matching run if one was saved; True: must; False: start over
+    num_gpus: int = 1                    # processes, one per GPU (helpers.distributed); the update keeps its size
+    distributed: str = "ddp"             # with num_gpus > 1: "ddp", "zero2" (DeepSpeed ZeRO-2) or "fsdp"
     extra: dict = field(default_factory=dict)  # passed on to TrainingArguments (e.g. {"bf16": True})
 
     def resolved(self) -> "TrainConfig":
@@ -109,6 +111,12 @@ class TrainConfig:
             cfg.resume = words[cfg.resume.lower()]
         if cfg.resume not in ("auto", True, False):
             raise TrainConfigError(f"resume is {cfg.resume!r}; use 'auto', True or False.")
+        from .distributed import DistributedError, check
+
+        try:
+            check(cfg)
+        except DistributedError as e:
+            raise TrainConfigError(str(e)) from None
         return cfg
 
     def _check_types(self) -> None:
@@ -216,10 +224,12 @@ def load_model_for_training(config: TrainConfig, model_path: str):
     from transformers import AutoConfig
 
     from . import fast_path
+    from .distributed import adjust_plan
 
     # On a CUDA GPU: fp32 adapters, compiled layers, packs sized to the card (helpers.fast_path); None elsewhere.
-    plan = fast_path.trainer_plan(config, config.quantization,
-                                  AutoConfig.from_pretrained(model_path) if torch.cuda.is_available() else None)
+    plan = adjust_plan(fast_path.trainer_plan(config, config.quantization,
+                                              AutoConfig.from_pretrained(model_path) if torch.cuda.is_available()
+                                              else None), config)
     if plan is not None and config.quantization == "auto":
         quantization = "nf4" if plan.precision == "nf4" else "none"
         note = ("4-bit NF4 with double quantisation (QLoRA): 16-bit weights do not fit this GPU" if quantization == "nf4"
@@ -365,8 +375,9 @@ def compute_loss(model, inputs: dict, num_items_in_batch=None):
     from .fast_path import causal_lm, packed_trainer_loss
 
     if "position_ids" in inputs and getattr(causal_lm(model), "_kit_trainer_fast", None):  # planned: the fast path
+        from .distributed import through_wrapper
 
-        return packed_trainer_loss(model, inputs, num_items_in_batch), None
+        return through_wrapper(model, lambda inner: packed_trainer_loss(inner, inputs, num_items_in_batch)), None
     kwargs = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
     outputs = model(**inputs, use_cache=False, **kwargs)
     return outputs.loss, outputs
@@ -435,22 +446,33 @@ def _trainer_class():
             return self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.tokens_seen += int(inputs["input_ids"].numel())
+            from .distributed import token_average_scale
+
+            self.tokens_seen += int(inputs["input_ids"].numel()) * self.accelerator.num_processes
             loss, outputs = compute_loss(model, inputs, num_items_in_batch)
+            loss = loss * token_average_scale(self, num_items_in_batch)  # as the Trainer's own compute_loss does
             return (loss, outputs) if return_outputs else loss
 
         def _save_checkpoint(self, model, trial):
             # Write into a hidden staging dir, mark it complete, then rename: a checkpoint-N dir is always whole.
+            from .distributed import barrier, is_main, world_size
+
             final_root = Path(self.args.output_dir)
-            staging_root = final_root / f".staging-{self.state.global_step}-{os.getpid()}"
-            if staging_root.exists():
+            tag = os.getpid() if world_size() == 1 else "ranks"  # every rank writes its part into the same dir
+            staging_root = final_root / f".staging-{self.state.global_step}-{tag}"
+            if staging_root.exists() and is_main():
                 shutil.rmtree(staging_root)
+            barrier()
             limit = self.args.save_total_limit
             self.args.output_dir, self.args.save_total_limit = str(staging_root), None
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir, self.args.save_total_limit = str(final_root), limit
+            barrier()
+            if not is_main():
+                barrier()
+                return
             staged = staging_root / f"checkpoint-{self.state.global_step}"
             (staged / LOSS_SUM_FILE).write_text(json.dumps({"loss_sum": self.loss_sum(),
                                                             "step": self.state.global_step}))
@@ -463,6 +485,7 @@ def _trainer_class():
             if limit:
                 for old in complete_checkpoints(final_root)[:-limit]:
                     _remove_dir(old)
+            barrier()
 
     return CourseTrainer
 
@@ -490,16 +513,20 @@ def _callbacks():
             self.done: set[int] = set()
 
         def evaluate(self, model, step: int) -> None:
+            from .distributed import full_weights, is_main
             from .generation import generate_answers
 
             from .fast_path import generation_mode
 
             if step in self.done:
                 return
-            with generation_mode(model):  # the model's own attention and eager layers for generating
-                answers = generate_answers(model, self.tokenizer, self.config.evaluation_inputs,
+            with full_weights(model) as whole, generation_mode(whole):  # every rank answers, the main one writes
+                answers = generate_answers(whole, self.tokenizer, self.config.evaluation_inputs,
                                            system=self.config.system, max_new_tokens=self.config.max_new_tokens,
                                            use_cache=True)
+            if not is_main():
+                self.done.add(step)
+                return
             record = {"step": step, "inputs": self.config.evaluation_inputs, "answers": answers}
             atomic_write_text(self.out_dir / f"step_{step:06d}.json", json.dumps(record, ensure_ascii=False, indent=1))
             self.done.add(step)
@@ -742,6 +769,9 @@ def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
         from .fast_path import trainer_arguments
 
         args.update(trainer_arguments(plan))
+    from .distributed import trainer_arguments
+
+    args.update(trainer_arguments(config))
     args.update(config.extra)
     return TrainingArguments(**args)
 
@@ -768,11 +798,23 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     if not data_path.exists():
         raise DataError(f"{data_path}: no such file; run notebook 01 (or set data_path).")
 
-    model, tokenizer, quantization, note = load_model_for_training(config, str(model_path))
-    print(f"quantization: {quantization} ({note})")
+    from . import distributed
+
+    if config.num_gpus > 1 and distributed.world_size() == 1:  # start one process per GPU, each runs this function
+        return distributed.launch(config, work)
+    if distributed.world_size() > 1:  # one rank of a launch (ours, accelerate launch or torchrun)
+        distributed.join()
+        config.num_gpus = distributed.world_size()
+    rank_config = distributed.per_rank(config, config.num_gpus)  # this rank's share of the rows per update
+    main = distributed.is_main()
+
+    model, tokenizer, quantization, note = load_model_for_training(rank_config, str(model_path))
+    if main:
+        print(f"quantization: {quantization} ({note})")
     rows, data_summary = build_dataset(tokenizer, config, data_path)
     fingerprint = _run_fingerprint(config, str(model_path), data_sha)
-    resume_from = _prepare_train_dir(work, config, fingerprint)
+    resume_from = distributed.main_first(lambda: _prepare_train_dir(work, config, fingerprint))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     plan = (getattr(model.get_base_model(), "_kit_trainer_fast", None) or {}).get("plan")
     if plan is not None:
@@ -782,14 +824,14 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         fit_compile_to_run(model, config.max_steps if config.max_steps and config.max_steps > 0
                            else math.ceil(len(rows) / per_update * (config.epochs or 1)))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
-    args = training_arguments(config, work.checkpoints, plan)
+    args = training_arguments(rank_config, work.checkpoints, plan)
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
                                data_collator=make_collator(tokenizer), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     ref = weakref.ref(trainer)
     evaluation = EvaluationCallback(tokenizer, config, work.eval_outputs)
     metrics_cb = MetricsCallback(ref, work.metrics, work.loss_plot, f"训练损失 training loss ({config.preset})")
-    for cb in (evaluation, metrics_cb, ProgressCallback(), *(callbacks or [])):
+    for cb in (evaluation, *((metrics_cb, ProgressCallback()) if main else ()), *(callbacks or [])):
         trainer.add_callback(cb)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -812,8 +854,9 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
                 _load_adapter_weights(model, Path(resume_from))
                 trainer.state.global_step = finished
                 mean_loss = trainer.loss_sum_before / max(1, finished) if trainer.loss_sum_before else None
-                metrics_cb.rows = read_metrics(work)
-                metrics_cb.draw(final=True)
+                if main:
+                    metrics_cb.rows = read_metrics(work)
+                    metrics_cb.draw(final=True)
     except TrainingDiverged as e:
         raise TrainingDiverged(e.update, e.loss, e.grad_norm, _diverged_sentence(e, work, config)) from None
     finally:
@@ -831,23 +874,29 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         "mean_loss": None if mean_loss is None else round(mean_loss, 6), "train_seconds": round(seconds, 1),
         "resumed_from": resume_from,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
     }
     if plan is not None:
         record["fast_path"] = plan.as_dict()
-    adapter = save_adapter(model, tokenizer, work.adapter, record)
-    record["wall_seconds"] = round(time.perf_counter() - wall_start, 1)  # what the student waited: load to adapter
-    atomic_write_text(adapter / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1, default=str))
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if config.distributed == "fsdp" \
+        and config.num_gpus > 1 else None  # FSDP: the shards gathered (every rank takes part)
+    adapter = work.adapter
+    if main:
+        adapter = save_adapter(model, tokenizer, work.adapter, record, state)
+        record["wall_seconds"] = round(time.perf_counter() - wall_start, 1)  # what the student waited: load to adapter
+        atomic_write_text(adapter / "training_record.json",
+                          json.dumps(record, ensure_ascii=False, indent=1, default=str))
+    distributed.barrier()
     evals = evaluation_rounds(work)
     return record | {"adapter": str(adapter), "answers_before": evals[0]["answers"] if evals else [],
                      "answers_after": evals[-1]["answers"] if evals else [],
                      "evaluation_inputs": config.evaluation_inputs, "model": model}
 
 
-def save_adapter(model, tokenizer, out_dir: Path, record: dict) -> Path:
+def save_adapter(model, tokenizer, out_dir: Path, record: dict, state_dict: dict | None = None) -> Path:
     """PEFT adapter + tokenizer + training_record.json, written beside and swapped in by rename."""
-    with staged_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, save_embedding_layers=False)  # the base's own layers stay with the base
+    with staged_dir(out_dir) as tmp:  # the base's own layers stay with the base
+        model.save_pretrained(tmp, save_embedding_layers=False, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / "training_record.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str))
     return out_dir

@@ -46,6 +46,8 @@ save_total_limit = None      # checkpoints kept (None: preset; 3)
 seed = 0                     # same seed, same adapter
 resume = "auto"              # "auto": continue this run's newest checkpoint; True: must; False: start over
 general_questions = None     # questions never trained on, for the over-fitting check (None: 3 of data/general_heldout.json)
+num_gpus = 1                 # GPUs to train on, one process each (the update keeps its 16 x 1024 tokens)
+distributed = "ddp"          # with num_gpus > 1: "ddp" (data parallel), "zero2" (DeepSpeed ZeRO-2) or "fsdp"
 
 # %%
 import pandas as pd
@@ -78,6 +80,7 @@ config = TrainConfig(
     evaluation_inputs=evaluation_inputs or data["evaluation_inputs"],
     system=data.get("system", "") if system is None else system,
     save_steps=save_steps, save_total_limit=save_total_limit, seed=seed, resume=resume,
+    num_gpus=num_gpus, distributed=distributed,
 ).changed(my_changes).resolved()
 pd.Series(config.hyper_parameters(), dtype=object).to_frame("value")
 
@@ -116,6 +119,8 @@ packed_row_table(tokenizer, rows[0]).head(6)
 # The bar counts optimizer updates; the plot below it redraws as the loss comes in (also saved as
 # `WORK/train/loss.png`). Checkpoints go to `WORK/train/checkpoints` every `save_steps`; if the kernel dies,
 # running this cell again with `resume="auto"` continues from the newest complete one.
+# With `num_gpus` > 1 this cell starts one process per GPU (accelerate's `notebook_launcher`) and waits for them;
+# each reads its share of the rows, so an update is as big as on one GPU.
 
 # %%
 from helpers.train import train

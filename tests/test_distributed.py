@@ -1,0 +1,143 @@
+"""Training on several processes (helpers.distributed): two CPU ranks over gloo train the same adapter as one
+process, with the same loss and gradient norm at every update, write every file once, and resume after all
+ranks are killed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers.data import make_dataset
+from helpers.distributed import DistributedError, check, launch, per_rank
+from helpers.paths import REPO_ROOT, work as make_work
+from helpers.train import TrainConfig, TrainConfigError, complete_checkpoints, evaluation_rounds, read_metrics, train
+
+
+def _config(model_dir, **kw):
+    # 2 rows per update: one process accumulates 2, two processes take one each. No dropout: the ranks' random
+    # streams differ from one process's, and the comparison is exact.
+    return dict(base_model=str(model_dir), max_steps=12, gradient_accumulation=2, save_steps=3, save_total_limit=2,
+                evaluation_freq=6, max_new_tokens=4, max_length=96, logging_steps=1, lr=2e-3, lora_dropout=0.0,
+                seed=5) | kw
+
+
+def _adapter(w):
+    from safetensors.torch import load_file
+
+    return load_file(str(w.adapter / "adapter_model.safetensors"))
+
+
+def test_two_ranks_train_the_one_process_adapter_and_resume_after_a_kill(tiny_model_dir, tmp_path):
+    one, two = make_work(tmp_path / "one"), make_work(tmp_path / "two")
+    for w in (one, two):
+        make_dataset(w.dataset, repeats=40, general_ratio=0.2)
+    kw = _config(tiny_model_dir)
+    train(TrainConfig(**kw), one)
+
+    # Two ranks through `python -m helpers train` (accelerate launch), killed, all of them, after a checkpoint.
+    command = [sys.executable, "-m", "helpers", "train", "--work-dir", str(two.root), "--num-gpus", "2",
+               "--config-json", json.dumps(kw)]
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not complete_checkpoints(two.checkpoints):
+            assert proc.poll() is None, f"the two ranks ended before their first checkpoint: {proc.stderr.read()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert not two.adapter.exists()
+
+    # Resumed through accelerate's notebook_launcher (the notebook's way), from the newest complete checkpoint.
+    result = launch(TrainConfig(**(kw | {"num_gpus": 2})).resolved(), two, how="notebook")
+    assert result["resumed_from"] and result["steps"] == 12 and result["hyper_parameters"]["num_gpus"] == 2
+    assert result["answers_after"] == evaluation_rounds(two)[-1]["answers"]
+
+    # Same rows in the same updates, loss and gradients on the same scale (a rank's loss is its share of the sum).
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == list(range(1, 13))  # one writer, no duplicates
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                   rel=1e-4), (a, b)
+    w1, w2 = _adapter(one), _adapter(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+    assert [r["step"] for r in evaluation_rounds(two)] == [0, 6, 12]
+    assert [p.name for p in complete_checkpoints(two.checkpoints)] == ["checkpoint-9", "checkpoint-12"]
+    assert not [p for p in two.checkpoints.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_settings_get_one_sentence():
+    with pytest.raises(TrainConfigError, match="gradient_accumulation so that the product is a multiple of 2"):
+        TrainConfig(num_gpus=2).resolved()  # the tiny preset's 1 x 1 rows per update cannot be shared by two
+    with pytest.raises(TrainConfigError, match="distributed is 'zero3'; use 'ddp'"):
+        TrainConfig(distributed="zero3").resolved()
+    with pytest.raises(TrainConfigError, match="num_gpus is 0"):
+        TrainConfig(num_gpus=0).resolved()
+    with pytest.raises(DistributedError, match="cannot shard 4-bit"):
+        check(_homework(TrainConfig(preset="homework", num_gpus=2, quantization="nf4", distributed="fsdp")), gpus=2)
+    with pytest.raises(DistributedError, match="shows 2 GPU"):
+        check(_homework(TrainConfig(preset="homework", num_gpus=4)), gpus=2)
+    if not _has("deepspeed"):
+        with pytest.raises(DistributedError, match="pip install deepspeed"):
+            check(_homework(TrainConfig(preset="homework", num_gpus=2, distributed="zero2")), gpus=2)
+
+
+def test_the_update_keeps_the_course_size():
+    hw = _homework(TrainConfig(preset="homework"))
+    for gpus in (1, 2, 4, 8, 16):
+        c = per_rank(hw, gpus)
+        assert c.batch_size * c.gradient_accumulation * gpus == 16
+
+
+def _homework(cfg):
+    import dataclasses
+
+    from helpers.train import PRESETS
+
+    return dataclasses.replace(cfg, **{k: v for k, v in PRESETS["homework"].items() if getattr(cfg, k, None) is None})
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _ranks_average_through_the_wrapper(out_dir: str) -> None:
+    """One rank: a DDP-wrapped layer, a loss computed on the inner module the way the GPU fast path does."""
+    from accelerate import PartialState
+
+    from helpers.distributed import through_wrapper
+
+    state = PartialState(cpu=True)
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1, bias=False))
+    x = torch.full((2, 4), float(state.process_index + 1))  # each rank its own rows
+    through_wrapper(ddp, lambda inner: inner(x).sum()).backward()
+    torch.save(ddp.module.weight.grad, f"{out_dir}/grad{state.process_index}.pt")
+    ddp.module.weight.grad = None
+    ddp.module(x).sum().backward()  # the inner module called directly: no averaging
+    torch.save(ddp.module.weight.grad, f"{out_dir}/alone{state.process_index}.pt")
+
+
+def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_ranks_average_through_the_wrapper, (str(tmp_path),), num_processes=2)
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1)]
+    alone = [torch.load(tmp_path / f"alone{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(grads[0], grads[1])  # averaged over the ranks: 2 rows of 1s and 2 rows of 2s
+    torch.testing.assert_close(grads[0], torch.full((1, 4), 3.0))
+    assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
