@@ -17,12 +17,14 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOTS = ["papermill", "ipykernel", "ipywidgets", "peft", "bitsandbytes", "nbformat", "nbclient"]
+ROOTS = ["papermill", "ipykernel", "ipywidgets", "peft", "bitsandbytes", "nbformat", "nbclient",
+         "streamlit"]  # notebook 04 runs the web demo headless (AppTest)
 ON_THE_IMAGE = {  # the GPU image's packages that these roots need (read from the device notes, 2026-11-17)
     "torch", "transformers", "accelerate", "numpy", "pandas", "matplotlib", "pyyaml", "tqdm", "requests", "jinja2",
     "huggingface-hub", "safetensors", "tokenizers", "packaging", "psutil", "pygments", "click", "attrs", "filelock",
     "fsspec", "typing-extensions", "aiohttp", "certifi", "idna", "urllib3", "charset-normalizer", "pillow",
     "python-dateutil", "six", "sentencepiece", "regex", "markupsafe", "setuptools", "wheel", "pip",
+    "pyarrow", "protobuf", "narwhals", "rich",
 }
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]

@@ -78,13 +78,16 @@ def run_setup(label, gpus, strategy, model_dir, data, root, steps, tiny) -> dict
     command = [sys.executable, "-m", "helpers", "train", "--work-dir", str(w.root), "--num-gpus", str(gpus),
                "--distributed", strategy, "--config-json", json.dumps(config)]
     start = time.perf_counter()
-    done = subprocess.run(command, env=os.environ | {"PYTHONPATH": str(ROOT), "KIT_HEADLESS": "1"},
+    done = subprocess.run(command, env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                                                        "KIT_HEADLESS": "1"},
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
-        (root / f"{label.replace(' ', '_')}.log").write_text(done.stdout + done.stderr)
+        log = f"{label.replace(' ', '_')}.log"
+        for folder in {root, Path(os.environ.get("OUT") or root)}:  # kept with the tables where there is an $OUT
+            (folder / log).write_text((done.stdout + done.stderr)[-20000:])
         return {"setup": label, "status": why[:200], "seconds": round(seconds)}
     record = json.loads((w.adapter / "training_record.json").read_text())
     metrics = read_metrics(w)
