@@ -91,6 +91,7 @@ def test_gpu_bundle_and_a_pushed_hub_remote(pushed):
     lines = (w.app / "requirements.txt").read_text().split()
     assert not any(line.startswith("--") for line in lines) and f"torch=={version('torch').split('+')[0]}" in lines
     # once the model went to a hub, a later local-only run does not point the app back at this machine
+    w.results.mkdir(parents=True, exist_ok=True)
     w.result("06_publish").write_text(json.dumps({"remote": "https://hub.example/u/m.git", "commit": "abc"}))
     publish.build_app_bundle(w, url)
     assert json.loads((w.app / "app_config.json").read_text())["model_repo_url"] == "https://hub.example/u/m.git"
