@@ -136,7 +136,9 @@ def launch(config, work, how: str | None = None) -> dict:
           " rows per update.")
     if how == "notebook":
         from accelerate import notebook_launcher
+        from accelerate.state import AcceleratorState
 
+        AcceleratorState._reset_state(reset_partial_state=True)  # left by an earlier one-process training here
         os.environ["KIT_LAUNCHED"] = "1"  # the forked ranks inherit it
         try:
             notebook_launcher(_rank_main, (values, str(work.root)), num_processes=config.num_gpus, use_port=str(port))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.data import make_dataset
-from helpers.distributed import DistributedError, check, launch, per_rank
+from helpers.distributed import DistributedError, check, per_rank
 from helpers.paths import REPO_ROOT, work as make_work
 from helpers.train import TrainConfig, TrainConfigError, complete_checkpoints, evaluation_rounds, read_metrics, train
 
@@ -58,8 +58,8 @@ def test_two_ranks_train_the_one_process_adapter_and_resume_after_a_kill(tiny_mo
         proc.stderr.close()
     assert not two.adapter.exists()
 
-    # Resumed through accelerate's notebook_launcher (the notebook's way), from the newest complete checkpoint.
-    result = launch(TrainConfig(**(kw | {"num_gpus": 2})).resolved(), two, how="notebook")
+    # Resumed, from the newest complete checkpoint.
+    result = train(TrainConfig(**(kw | {"num_gpus": 2})), two)
     assert result["resumed_from"] and result["steps"] == 12 and result["hyper_parameters"]["num_gpus"] == 2
     assert result["answers_after"] == evaluation_rounds(two)[-1]["answers"]
 
