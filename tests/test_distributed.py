@@ -134,7 +134,9 @@ def _ranks_average_through_the_wrapper(out_dir: str) -> None:
 
 def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
     from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # what an earlier training in this process left
     debug_launcher(_ranks_average_through_the_wrapper, (str(tmp_path),), num_processes=2)
     grads = [torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1)]
     alone = [torch.load(tmp_path / f"alone{r}.pt") for r in (0, 1)]
