@@ -239,6 +239,8 @@ def through_wrapper(model, fn):
     each keep their own gradients without a word. In one process fn runs as it is."""
     if world_size() == 1:
         return fn(model)
+    import torch
+
     inner = unwrap(model)
 
     def forward_once(*args, **kwargs):
@@ -246,8 +248,8 @@ def through_wrapper(model, fn):
         return fn(inner)
 
     inner.forward = forward_once
-    try:
-        return model()
+    try:  # one placeholder input: DDP and FSDP move their inputs to the GPU and fail on none at all
+        return model(torch.zeros(1))
     finally:
         inner.__dict__.pop("forward", None)
 

@@ -773,7 +773,10 @@ def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
 
     args.update(trainer_arguments(config))
     args.update(config.extra)
-    return TrainingArguments(**args)
+    arguments = TrainingArguments(**args)
+    if arguments.n_gpu > 1:  # one process, one GPU: several GPUs go through num_gpus (DDP/ZeRO-2/FSDP), never DataParallel
+        arguments._n_gpu = 1
+    return arguments
 
 
 def train(config: TrainConfig | None = None, work: Work | None = None, callbacks: list | None = None) -> dict:
