@@ -78,8 +78,8 @@ def run_setup(label, gpus, strategy, model_dir, data, root, steps, tiny) -> dict
     command = [sys.executable, "-m", "helpers", "train", "--work-dir", str(w.root), "--num-gpus", str(gpus),
                "--distributed", strategy, "--config-json", json.dumps(config)]
     start = time.perf_counter()
-    done = subprocess.run(command, env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                                                        "KIT_HEADLESS": "1"},
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried wheels stay found
+    done = subprocess.run(command, env=os.environ | {"PYTHONPATH": path, "KIT_HEADLESS": "1"},
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
