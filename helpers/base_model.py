@@ -143,6 +143,16 @@ def base_model_path(work: Work) -> str:
     return info.get("converted") or info.get("path") or info["id"]
 
 
+def loadable_model_dir(path: str | os.PathLike) -> str:
+    """The folder to load for `path`: a work dir's model/ folder that only records a real base model (notebook 00
+    keeps its own copy of the tiny model, a record of any other) stands for the folder it records."""
+    record = Path(path) / RECORD_FILE
+    if record.exists() and not (Path(path) / "config.json").exists():
+        info = json.loads(record.read_text())
+        return info.get("converted") or info.get("path") or info.get("id") or str(path)
+    return os.fspath(path)
+
+
 def base_model_source(work: Work) -> str:
     """What the student gave as base_model (hub id or folder) for the model card; WORK/model for the tiny one."""
     info = _record(work) or {}

@@ -25,6 +25,9 @@ class GenerationSettings:
 
 def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None):
     """(model, tokenizer) for chatting: a full model, or a base model with an adapter on top."""
+    from .base_model import loadable_model_dir
+
+    model_dir = loadable_model_dir(model_dir)  # `chat work/model --adapter work/adapter` for a real base model too
     return load_model(model_dir, adapter), load_tokenizer(model_dir, adapter)
 
 

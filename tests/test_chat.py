@@ -232,3 +232,18 @@ def test_cli_prints_the_answer_piece_by_piece(final_chat):
     answer_writes = [w for w in out.writes[start + 1:out.writes.index("\n", start)] if w]
     assert len(answer_writes) > 1  # streamed, not printed at the end in one go
     assert "".join(answer_writes).strip() == ChatSession(*final_chat).ask("你是谁")
+
+
+def test_a_work_dirs_model_folder_that_records_a_real_base_loads_that_base(tmp_path, tiny_model_dir):
+    """`helpers chat WORK/model --adapter WORK/adapter`: WORK/model holds only a record for a real base model."""
+    import json
+    from pathlib import Path
+
+    from helpers.chat import load_chat_model
+    from helpers.tiny_model import RECORD_FILE
+
+    recorded = tmp_path / "model"
+    recorded.mkdir()
+    (recorded / RECORD_FILE).write_text(json.dumps({"kind": "local", "path": str(tiny_model_dir)}))
+    model, tokenizer = load_chat_model(recorded)
+    assert Path(model.name_or_path) == Path(tiny_model_dir) and tokenizer is not None
