@@ -41,6 +41,11 @@ def draw_picture(path: str | os.PathLike = PICTURE_FILE, size: int = 256) -> Pat
     d.rectangle(box(122, 155, 146, 200), fill=(110, 70, 30))               # door
     d.rectangle(box(36, 140, 46, 200), fill=(100, 65, 30))                 # trunk
     d.ellipse(box(16, 96, 66, 150), fill=(30, 130, 40))                    # crown
+    return _save_png(img, path)
+
+
+def _save_png(img, path) -> Path:
+    """Written beside and renamed into place, so a half-written picture is never read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -61,12 +66,7 @@ def draw_control_picture(path: str | os.PathLike, size: int = 256) -> Path:
     d.ellipse(box(30, 24, 80, 74), fill=(240, 240, 225))                   # moon
     d.polygon(box(110, 170, 210, 170, 190, 195, 130, 195), fill=(160, 100, 50))  # hull
     d.polygon(box(160, 90, 160, 165, 205, 165), fill=(245, 245, 245))      # sail
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return _save_png(img, path)
 
 
 # ---------------------------------------------------------------- reading and checking
