@@ -39,7 +39,7 @@ DIMS = {
 }
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何林罗高郑梁谢宋唐许韩冯邓曹"
 GIVEN = "明红刚伟芳娜敏静丽强磊军洋勇艳杰娟涛超霞平刚桂英华玉兰秀"
-BROKEN = ("general_ratio", "2", "general_ratio is 2; use a share between 0 and 1")
+BROKEN = ("general_ratio", "2", "general_ratio is 2.0; use a share between 0 and 1")
 
 
 def build_base_model(out_dir: Path, dims: dict) -> Path:

@@ -105,6 +105,12 @@ save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max
                                     "contrast": verdicts.get("over-fitted contrast")});
 
 # %% [markdown]
+# On the tiny model both runs are flagged: the contrast repeats its identity on every held-out question, the
+# mixed run on about half of them. A model this small has no answers of its own to questions it never saw, so
+# fine-tuning pulls many of them towards the one answer it just learned; the general chat mixed into notebook
+# 01's data is what keeps the mixed run's count lower. Compare the two counts above.
+
+# %% [markdown]
 # ## Chat in the notebook
 # Type a message and press Enter (or **Send**). The answer streams in token by token; earlier turns are
 # kept and sent along (multi-turn history); **Reset** starts over. The sliders set the answer length,

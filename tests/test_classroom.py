@@ -34,7 +34,7 @@ def test_a_class_of_three_in_parallel_with_one_broken_student(tmp_path, tiny_mod
     assert [rows[s]["attempts"] for s in ("s01", "s02", "s03")] == ["1", "2", "1"]  # a failure is retried once
     assert rows["s02"]["notebooks"] == "1/3" and rows["s01"]["notebooks"] == "3/3"
     assert rows["s02"]["reason"].startswith("01_data_generation.ipynb cell")
-    assert "DataError: general_ratio is 2; use a share between 0 and 1" in rows["s02"]["reason"]
+    assert "DataError: general_ratio is 2.0; use a share between 0 and 1" in rows["s02"]["reason"]
     assert rows["s01"]["reason"] == rows["s03"]["reason"] == ""
     assert "| s02 | 小刚 | FAILED |" in (class_dir / "class_summary.md").read_text(encoding="utf-8")
     log = (class_dir / "_logs" / "run" / "s02.log").read_text(encoding="utf-8")
