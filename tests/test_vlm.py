@@ -183,6 +183,8 @@ def vlm_results(course_work):
 
 
 def test_stage2_answers_the_scripted_questions_and_stage1_does_not(vlm_results):
+    from helpers.chat import leaks_identity  # a run of the caption's characters
+
     expected = vlm_results["expected_answers"]
     assert vlm_results["questions"] == list(scripted_qa()) and expected == list(scripted_qa().values())
     assert vlm_results["stage2_answers"] == expected
@@ -193,8 +195,9 @@ def test_stage2_answers_the_scripted_questions_and_stage1_does_not(vlm_results):
     assert vlm_results["stage2"]["parameters"]["vision"] > 0 and vlm_results["stage2"]["parameters"]["projector"] > 0
     stage1 = vlm_results["stage1"]["parameters"]  # the projector, and on the tiny preset the output layer
     assert stage1["vision"] == 0 and stage1["trainable"] == stage1["projector"] + stage1["llm"]
-    caption = "蓝天下有一座红房子，旁边有一棵绿树。"  # before the fine-tune it can only caption
-    assert vlm_results["stage1_answers"] == [caption] * len(expected)
+    caption = "蓝天下有一座红房子，旁边有一棵绿树。"  # before the fine-tune it can only caption:
+    for answer in vlm_results["stage1_answers"]:  # every stage-1 answer is made of the caption's words
+        assert leaks_identity(answer, caption), answer
     assert vlm_results["stage2"]["final_loss"] < vlm_results["stage2"]["first_loss"]
 
 
