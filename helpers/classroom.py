@@ -350,14 +350,31 @@ def _check_engine(workers: int, slurm: SlurmOptions | None) -> None:
 
 
 # ---------------------------------------------------------------- the class run and the class check
+def _class_to_run(csv_path, workers: int, slurm) -> list[dict] | None:
+    """The class file's students once the pool or Slurm settings are known good; None after one error sentence."""
+    try:
+        _check_engine(workers, slurm)
+        return read_class(csv_path)
+    except (ClassFileError, ClassRunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def with_engine(command, args, *positional, **keywords) -> int:
+    """command(..., workers=, slurm=) with the command line's pool or Slurm settings; a bad flag: one sentence."""
+    try:
+        slurm = slurm_options(args)
+    except ClassRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return command(*positional, workers=args.workers, slurm=slurm, **keywords)
+
+
 def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: dict | None = None,
               workers: int = 1, slurm: SlurmOptions | None = None) -> int:
     """Run the course for every student; print and save the summary. Returns 0 when all passed, else 1."""
-    try:
-        _check_engine(workers, slurm)
-        students = read_class(csv_path)
-    except (ClassFileError, ClassRunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    students = _class_to_run(csv_path, workers, slurm)
+    if students is None:
         return 2
     notebooks = course_notebooks(only)
     root = class_root(work_dir)
@@ -393,11 +410,8 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
 def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions | None = None,
                 publish: bool = False, trust_results: bool = False, skip: str = "") -> int:
     """`homework check` for every student of a class, in parallel; saves class_check.csv/.md. 0 when all pass."""
-    try:
-        _check_engine(workers, slurm)
-        students = read_class(csv_path)
-    except (ClassFileError, ClassRunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    students = _class_to_run(csv_path, workers, slurm)
+    if students is None:
         return 2
     root = class_root(class_dir)
     logs = root / LOGS / "check"

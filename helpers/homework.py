@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .classroom import ClassRunError, add_class_arguments, check_class, slurm_options
+from .classroom import add_class_arguments, check_class, with_engine
 from .paths import NOTEBOOKS_DIR, Work, work as make_work
 from .results import read_results, table_rows
 
@@ -391,13 +391,8 @@ def _check(args) -> int:
     from .progress import quiet_libraries
 
     if args.class_file:
-        try:
-            slurm = slurm_options(args)
-        except ClassRunError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return check_class(args.class_file, args.work_dir, args.workers, slurm, args.publish, args.trust_results,
-                           args.skip)
+        return with_engine(check_class, args, args.class_file, args.work_dir, publish=args.publish,
+                           trust_results=args.trust_results, skip=args.skip)
     if args.work_dir is None:
         print("error: give the student's work directory (or --class STUDENTS_CSV for a class).", file=sys.stderr)
         return 2

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
-from .classroom import ClassRunError, add_class_arguments, run_class, slurm_options
+from .classroom import add_class_arguments, run_class, with_engine
 from .notebooks import course_notebooks
 from .paths import NOTEBOOKS_DIR, work as make_work
 from .progress import print_table
@@ -106,10 +105,5 @@ def _run(args) -> int:
     params.update(dict(args.param))
     only = args.only.split(",") if args.only else None
     if args.class_file:
-        try:
-            slurm = slurm_options(args)
-        except ClassRunError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return run_class(args.class_file, args.work_dir, only, params, args.workers, slurm)
+        return with_engine(run_class, args, args.class_file, args.work_dir, only, params)
     return run_course(args.work_dir, only, params)
