@@ -51,6 +51,25 @@ class GpuMemorySampler:
         self.stop.set()
 
 
+def outcome(number: str, r: dict) -> str:
+    """What each notebook's results say it achieved (identity learned, merge equal, answers, push verified)."""
+    if not r:
+        return "–"
+    if number == "02":
+        return f"identity learned: {r.get('identity_learned')}, loss {r.get('first_loss', 0):.2f} → {r.get('final_loss', 0):.3f}"
+    if number == "03":
+        return f"merge matches base+adapter: {r.get('passed')} (max diff {r.get('max_abs_diff', 0):.2g})"
+    if number == "04":
+        return (f"identity in {r.get('identity_on_evaluation')}/{r.get('evaluation_questions')} evaluation answers, "
+                f"{r.get('identity_on_general')}/{r.get('general_questions')} held-out general")
+    if number == "05":
+        return f"stage-2 answers match: {r.get('all_match')}"
+    if number == "06":
+        v = r.get("verified") or {}
+        return f"pushed: {r.get('pushed')}, cloned back identical: {v.get('identical')} ({v.get('files')} files)"
+    return "–"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/course-gpu", help="the course's work directory (replaced)")
@@ -87,13 +106,12 @@ def main(argv=None) -> int:
         peak = f"{sampler.peak_mib / 1024:.1f} GiB" if sampler.ok else "–"
         if own:
             peak += f" (training {own / 1024:.1f} GiB)"
-        learned = results.get("identity_learned", "–")
-        rows.append((nb.name, "ok" if code == 0 else "FAILED", f"{seconds:.1f}", peak, learned))
+        rows.append((nb.name, "ok" if code == 0 else "FAILED", f"{seconds:.1f}", peak, outcome(number, results)))
         if code != 0:
             status = 1
             break
     print()
-    print_table(["notebook", "status", "seconds", "peak GPU memory", "identity learned"], rows)
+    print_table(["notebook", "status", "seconds", "peak GPU memory", "outcome"], rows)
     return status
 
 

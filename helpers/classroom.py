@@ -269,11 +269,18 @@ def run_local(tasks: list[Task], workers: int) -> list[dict]:
     slots: queue.Queue = queue.Queue()
     for i in range(workers):
         slots.put(gpus[i % len(gpus)] if gpus else None)
+    sharing = -(-workers // len(gpus)) if gpus else 1  # students at once on the busiest GPU
+    if sharing > 1:  # each keeps to its share of the card's memory (helpers.train.share_gpu)
+        from .train import GPU_SHARE_ENV
+
+        for t in tasks:
+            t.env.setdefault(GPU_SHARE_ENV, f"{0.95 / sharing:.3f}")
     if "OMP_NUM_THREADS" not in os.environ:  # N students on one CPU: split the cores rather than fight for them
         for t in tasks:
             t.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     where = f"GPUs {','.join(gpus)}" if gpus else "the CPU"
-    print(f"{len(tasks)} students, {workers} at a time on {where}", flush=True)
+    shared = f" ({sharing} per GPU, each with {0.95 / sharing:.0%} of its memory)" if sharing > 1 else ""
+    print(f"{len(tasks)} students, {workers} at a time on {where}{shared}", flush=True)
 
     def one(task: Task) -> dict:
         gpu = slots.get()

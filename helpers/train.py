@@ -779,6 +779,24 @@ def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
     return arguments
 
 
+GPU_SHARE_ENV = "KIT_GPU_MEMORY_FRACTION"  # set by a class run that puts several students on one GPU
+
+
+def share_gpu() -> float | None:
+    """When several students share one GPU (a class run with more workers than GPUs), this process keeps to its
+    share of the card's memory, so the training plan sizes itself to the share and no student runs out."""
+    import torch
+
+    value = os.environ.get(GPU_SHARE_ENV)
+    if not value or not torch.cuda.is_available():
+        return None
+    fraction = float(value)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{GPU_SHARE_ENV} is {value}; use a share of the GPU's memory between 0 and 1 (e.g. 0.5).")
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
+
+
 def train(config: TrainConfig | None = None, work: Work | None = None, callbacks: list | None = None) -> dict:
     """Fine-tune a LoRA adapter; writes WORK/train (checkpoints, eval_outputs, metrics, loss.png) and
     WORK/adapter, and returns a summary (adapter path, losses, steps, answers before and after)."""
@@ -811,6 +829,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     rank_config = distributed.per_rank(config, config.num_gpus)  # this rank's share of the rows per update
     main = distributed.is_main()
 
+    share_gpu()
     model, tokenizer, quantization, note = load_model_for_training(rank_config, str(model_path))
     if main:
         print(f"quantization: {quantization} ({note})")

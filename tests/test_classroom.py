@@ -159,3 +159,28 @@ def test_the_pool_hands_each_worker_one_gpu_and_retries_once(tmp_path, monkeypat
         used |= set(gpus)
     assert used == {"3", "5"}
     assert "=== exit code 3" in Path(tasks[0].log).read_text(encoding="utf-8")
+
+
+def test_students_sharing_a_gpu_each_keep_to_their_share_of_its_memory(tmp_path, monkeypatch):
+    from helpers.classroom import Task, run_local
+    from helpers.train import GPU_SHARE_ENV
+
+    script = f"import os; print('share', os.environ.get({GPU_SHARE_ENV!r}))"
+    for gpus, workers, share in [("0", 2, "0.475"), ("0,1", 2, "None"), ("0,1", 3, "0.475"), ("0", 1, "None")]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+        tasks = [Task(sid, sid, [sys.executable, "-c", script], str(tmp_path / f"{gpus}-{workers}-{sid}.log"),
+                      str(tmp_path / f"{gpus}-{workers}-{sid}.json")) for sid in ("s1", "s2")]
+        run_local(tasks, workers=workers)
+        for t in tasks:
+            assert f"share {share}" in Path(t.log).read_text(encoding="utf-8"), (gpus, workers)
+
+
+def test_a_gpu_share_out_of_range_is_one_sentence(monkeypatch):
+    import torch
+
+    from helpers.train import GPU_SHARE_ENV, share_gpu
+
+    monkeypatch.setenv(GPU_SHARE_ENV, "1.5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        share_gpu()
