@@ -312,6 +312,12 @@ def head_cross_entropy(hidden, head, targets, chunk=4096):
     return total
 
 
+def whole(weight):
+    """A frozen weight as one tensor on this rank: FSDP keeps each rank's shard (a DTensor) outside the module's
+    own forward, and the fused loss reads the output layer's weight without calling the layer."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def _head_trains(head) -> bool:
     return any(p.requires_grad for p in head.parameters())
 
@@ -335,9 +341,9 @@ def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: fl
     elif plan is not None and plan.loss == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
+        total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(whole(head.weight), h, y)
     else:
-        total = FusedLinearCrossEntropy.apply(h, head.weight, y, chunk)
+        total = FusedLinearCrossEntropy.apply(h, whole(head.weight), y, chunk)
     denom = normalizer if normalizer is not None else max(1, int(keep.numel()))
     return total / denom
 

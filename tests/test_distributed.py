@@ -143,3 +143,42 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
     torch.testing.assert_close(grads[0], grads[1])  # averaged over the ranks: 2 rows of 1s and 2 rows of 2s
     torch.testing.assert_close(grads[0], torch.full((1, 4), 3.0))
     assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
+
+
+def _sharded_model_takes_the_fused_loss(out_dir: str) -> None:
+    """One rank: a tiny Llama sharded with FSDP2 (layers and root), the kit's packed loss through the wrapper."""
+    from accelerate import PartialState
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.distributed import through_wrapper
+    from helpers.fast_path import batch_from_positions, packed_loss
+
+    state = PartialState(cpu=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.lm_head.requires_grad_(False)  # frozen, as under LoRA: the fused loss reads its weight
+    ids = torch.arange(1, 25).remainder(90)[None] + 3
+    batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
+                                  "labels": ids.clone()})
+    alone = float(packed_loss(model, batch))
+    for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
+        fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
+    fully_shard(model)
+    assert hasattr(model.lm_head.weight, "full_tensor")  # the output layer's weight is this rank's shard
+    sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
+    sharded.backward()
+    torch.save(torch.tensor([alone, float(sharded)]), f"{out_dir}/loss{state.process_index}.pt")
+
+
+def test_the_fused_loss_reads_a_sharded_output_layer(tmp_path):
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    debug_launcher(_sharded_model_takes_the_fused_loss, (str(tmp_path),), num_processes=2)
+    for r in (0, 1):
+        alone, sharded = torch.load(tmp_path / f"loss{r}.pt").tolist()
+        assert sharded == pytest.approx(alone, rel=1e-5)
