@@ -219,11 +219,12 @@ def check_identity(work: Work, name: str | None) -> Check:
     return Check("identity", "PASS", f"asked {question!r}, the adapter answers {answer!r}")
 
 
-ADAPTER_MATTERS = 10  # the adapter must move the logits by at least this many merge tolerances
+ADAPTER_MATTERS = 3  # the adapter must move the logits by at least this many merge tolerances (a copy of the base
+# then fails one way or the other: its difference is the adapter's effect)
 
 
 def check_merge(work: Work, recompute: bool = True) -> Check:
-    """final_model == base + adapter, judged with the checker's own tolerance (by dtype, never the student's),
+    """final_model == base + adapter, judged with the checker's own tolerance (measured, never the student's),
     and the adapter must change the base's logits, so a copy of the base cannot pass."""
     r = read_results(work, "03_merge")
     if r is None:
@@ -241,13 +242,13 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
         from .base_model import base_model_path
         from .merge import verify_merge
 
-        verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # tolerance: by dtype
+        verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # its own tolerance
     except Exception as e:
         return Check("merge", "FAIL", f"final_model and base + adapter do not both load ({_first_line(e)})")
     diff, tolerance, effect = verified["max_abs_diff"], verified["tolerance"], verified["adapter_effect_max_abs"]
     if not diff <= tolerance:
         return Check("merge", "FAIL", f"final_model differs from base + adapter: max |logit diff| {diff:.2e} > "
-                                      f"{tolerance:g} (the checker's tolerance for {verified['dtype']})")
+                                      f"{tolerance:.3g} (the checker's tolerance for {verified['dtype']})")
     if not effect >= ADAPTER_MATTERS * tolerance:
         return Check("merge", "FAIL", f"the adapter barely changes the base (its logits move by {effect:.2e}, under "
                                       f"{ADAPTER_MATTERS} x {tolerance:g}): train it (notebook 02) before merging")

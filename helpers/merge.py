@@ -12,8 +12,11 @@ from .template import stop_token_ids
 
 # Sample prompts whose logits must agree between base+adapter and the merged model.
 VERIFY_PROMPTS = ["请你介绍一下你自己", "你是谁", "今天天气怎么样？", "What is the capital of France?"]
-# How far merged and unmerged logits may drift apart: rounding of W + B·A in each dtype.
+# How far merged and unmerged logits may drift apart at least: rounding of W + B·A in each dtype. A 16-bit
+# model's tolerance grows with its own rounding noise (NOISE_MARGIN x how far base + adapter computed in that
+# dtype is from the same computed in float32): at 1.8 B parameters that noise is far above these floors.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+NOISE_MARGIN = 2
 
 
 class AdapterError(ValueError):
@@ -201,22 +204,37 @@ def _logits(model, batches) -> list:
 
 def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, adapter: str | os.PathLike,
                  prompts: list[str] | None = None, tolerance: float | None = None) -> dict:
-    """Logits of final_model vs base + adapter (unmerged) on sample prompts: max abs difference and verdict."""
+    """Logits of final_model vs base + adapter (unmerged) on sample prompts: max abs difference and verdict.
+
+    A 16-bit final_model is compared with base + adapter computed in float32 (the function the merge should
+    store), and its tolerance is measured, not guessed: NOISE_MARGIN x the distance of base + adapter computed
+    in that 16-bit dtype from the same in float32 (at least TOLERANCE[dtype]). A merge that dropped or
+    mis-scaled the adapter differs by about the adapter's own effect, far above that noise."""
+    import torch
+
     prompts = list(prompts or VERIFY_PROMPTS)
     tokenizer = load_tokenizer(final_model)
     batches = _prompt_ids(tokenizer, prompts)
-    reference = load_model(base_model, adapter, device="cpu")
-    expected = _logits(reference, batches)
-    del reference
     merged = load_model(final_model, device="cpu")
     got = _logits(merged, batches)
     dtype = str(merged.dtype).replace("torch.", "")
-    tolerance = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
-    diffs = [float((a - b).abs().max()) for a, b in zip(expected, got)]
+    del merged
+    sixteen = dtype in ("bfloat16", "float16")
+    exact = _logits(load_model(base_model, adapter, dtype=torch.float32, device="cpu"), batches)
+    noise = 0.0
+    if sixteen:  # base + adapter in the final model's own dtype: how far that dtype's rounding alone moves it
+        noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device="cpu"),
+                                  batches), exact)
+    if tolerance is None:
+        tolerance = max(TOLERANCE.get(dtype, 1e-2), NOISE_MARGIN * noise)
+    diffs = [float((a - b).abs().max()) for a, b in zip(exact, got)]
     # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
-    base = load_model(base_model, device="cpu")
-    effect = max(float((a - b).abs().max()) for a, b in zip(expected, _logits(base, batches)))
+    effect = _max_diff(exact, _logits(load_model(base_model, dtype=torch.float32, device="cpu"), batches))
     max_diff = max(diffs)
     return {"prompts": prompts, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
-            "tolerance": tolerance, "dtype": dtype, "adapter_effect_max_abs": effect,
+            "tolerance": tolerance, "dtype": dtype, "rounding_noise": noise, "adapter_effect_max_abs": effect,
             "passed": bool(max_diff <= tolerance)}
+
+
+def _max_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))

@@ -26,7 +26,7 @@ work_dir = None             # the run's work directory (None: ./work)
 max_shard_size = "2GB"      # split the weights into safetensors files of at most this size
 dtype = "auto"              # "auto" (the base's own dtype), "float32", "bfloat16" or "float16" — never 4-bit
 overwrite = True            # replace an existing WORK/final_model (False: stop instead)
-tolerance = None            # max allowed |logit difference| after merging (None: by dtype, 1e-3 for float32)
+tolerance = None            # max allowed |logit difference| after merging (None: 1e-3 for float32; 16-bit: measured)
 
 # %%
 import pandas as pd
@@ -71,14 +71,18 @@ pd.Series(result.files, name="files in final_model").to_frame()
 
 # %% [markdown]
 # ## Verify: the merged model computes what base + adapter computed
-# Same prompts through both: the unmerged base + adapter, and the merged model reloaded from disk. The
-# logits should agree up to rounding (`tolerance`). For scale we also print how much the adapter changes
+# Same prompts through both: base + adapter, unmerged and computed in float32, and the merged model reloaded
+# from disk. The logits should agree up to rounding (`tolerance`). A 16-bit model (the real 1.8B is bfloat16)
+# rounds `W + B·A` when it is stored, so there the tolerance is measured: twice how far base + adapter lands
+# from float32 when it is itself computed in 16 bits. For scale we also print how much the adapter changes
 # the base's logits: a merge that silently lost the adapter would differ by about that much.
 
 # %%
 check = verify_merge(work.final_model, base, work.adapter, tolerance=tolerance)
 print(f"max |logits(final_model) - logits(base + adapter)| = {check['max_abs_diff']:.2e} "
-      f"(tolerance {check['tolerance']:.0e} for {check['dtype']})")
+      f"(tolerance {check['tolerance']:.2g} for {check['dtype']}"
+      + (f"; base + adapter computed in {check['dtype']} is {check['rounding_noise']:.2g} off float32)"
+         if check["rounding_noise"] else ")"))
 print(f"the adapter itself moves the logits by up to {check['adapter_effect_max_abs']:.3f}")
 assert check["passed"], "the merged model does not reproduce base + adapter; do not use this final_model"
 

@@ -184,3 +184,24 @@ def test_tied_embeddings_train_merge_and_pass_the_merge_check(tiny_model_dir, tm
     assert not torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"])  # the adapter is in the head
     assert json.loads((work.final_model / "config.json").read_text())["tie_word_embeddings"] is False
     assert result["steps"] == 6
+
+
+def test_a_16_bit_merge_is_judged_against_float32_with_its_own_rounding_noise(tiny_model_dir, tmp_path):
+    """bf16: the merged model is compared with base + adapter in float32, and the tolerance is measured (twice
+    how far base + adapter computed in bf16 lands from float32), so real-size rounding passes and a lost
+    adapter does not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.merge import NOISE_MARGIN, TOLERANCE, merge, verify_merge
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", scale=0.2)
+    merge(base, adapter, tmp_path / "final_model")
+    check = verify_merge(tmp_path / "final_model", base, adapter)
+    assert check["dtype"] == "bfloat16" and check["rounding_noise"] > 0
+    assert check["tolerance"] == max(TOLERANCE["bfloat16"], NOISE_MARGIN * check["rounding_noise"])
+    assert check["passed"] and check["adapter_effect_max_abs"] > 3 * check["tolerance"], check
+    lost = verify_merge(base, base, adapter)  # the base posing as the merged model
+    assert not lost["passed"] and lost["max_abs_diff"] == pytest.approx(lost["adapter_effect_max_abs"], rel=0.2)
