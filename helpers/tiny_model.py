@@ -15,7 +15,7 @@ from .template import INTERNLM2_CHAT_TEMPLATE, END_OF_TURN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", END_OF_TURN, "<image>"]
 CJK_CHARACTER = r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]"  # CJK scripts, symbols and full-width forms
-BUILD_VERSION = 2  # bump when the recipe below changes, so cached builds are rebuilt
+BUILD_VERSION = 3  # bump when the recipe below changes, so cached builds are rebuilt
 RECORD_FILE = "course_model.json"
 
 # The base model's own, generic identity; the fine-tune replaces it with the personal one.
