@@ -151,10 +151,9 @@ def test_before_after_table_shows_the_fine_tune(course_work):
     assert any(BASE_IDENTITY in r["before"] for r in evaluation)
     assert [r["question"] for r in rows if r["kind"] == "general"] == [g["input"] for g in general_questions(10)]
     assert results["identity_on_evaluation"] == 3
-    # The over-fitted contrast, shown next to it, is flagged and leaks into more held-out questions than the
-    # mixed run. (The tiny mixed run itself still answers about half of them with its identity.)
-    assert results["contrast"]["overfitted"] is True
-    assert results["contrast"]["identity_on_general"] > results["identity_on_general"]
+    # The check tells the two runs apart: the mixed run passes it, the over-fitted contrast beside it is flagged.
+    assert results["overfitted"] is False and results["identity_on_general"] <= 3, rows
+    assert results["contrast"]["overfitted"] is True and results["contrast"]["identity_on_general"] >= 8, rows
 
 
 def test_held_out_questions_are_in_no_training_data(course_work):
@@ -168,9 +167,10 @@ def test_held_out_questions_are_in_no_training_data(course_work):
     seen |= {m["content"] for c in _pretraining_conversations() for m in c}
     seen |= {m["content"] for c in load_dataset(course_work.dataset) for m in c}
     assert not held_out & seen
+    assert not {g["output"] for g in general_questions()} & seen  # nor their reference answers
 
 
-def test_overfitting_check_flags_the_overfitted_adapter_and_it_leaks_more_than_the_mixed_run(course_work):
+def test_overfitting_check_flags_the_overfitted_adapter_and_passes_the_mixed_one(course_work):
     """Recomputed here: the held-out questions, asked of base + the contrast adapter and of final_model."""
     from helpers.chat import before_after, general_questions, overfitting_check
 
@@ -178,7 +178,7 @@ def test_overfitting_check_flags_the_overfitted_adapter_and_it_leaks_more_than_t
                          max_new_tokens=32, overfitted_adapter=course_work.contrast / "adapter")
     mixed, overfitted = overfitting_check(table, IDENTITY), overfitting_check(table, IDENTITY, column="over-fitted")
     assert overfitted["overfitted"] is True and overfitted["identity_on_general"] >= 8, table
-    assert mixed["identity_on_general"] < overfitted["identity_on_general"], table
+    assert mixed["overfitted"] is False and mixed["identity_on_general"] <= 3, table
 
 
 def test_overfitting_check_flags_identity_everywhere():
