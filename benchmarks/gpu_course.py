@@ -58,7 +58,10 @@ def outcome(number: str, r: dict) -> str:
     if number == "02":
         return f"identity learned: {r.get('identity_learned')}, loss {r.get('first_loss', 0):.2f} → {r.get('final_loss', 0):.3f}"
     if number == "03":
-        return f"merge matches base+adapter: {r.get('passed')} (max diff {r.get('max_abs_diff', 0):.2g})"
+        w = r.get("weights") or {}
+        how = (f"weights within {w['max_ulps']:.0f} ulp, {w['rounded_away']:.0%} of the update rounded away, "
+               if w else "")
+        return f"merge verified: {r.get('passed')} ({how}logits {r.get('max_abs_diff', 0):.2g} apart)"
     if number == "04":
         return (f"identity in {r.get('identity_on_evaluation')}/{r.get('evaluation_questions')} evaluation answers, "
                 f"{r.get('identity_on_general')}/{r.get('general_questions')} held-out general")

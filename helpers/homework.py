@@ -245,15 +245,23 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
         verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # its own tolerance
     except Exception as e:
         return Check("merge", "FAIL", f"final_model and base + adapter do not both load ({_first_line(e)})")
+    from .merge import MAX_ULPS, TOLERANCE
+
     diff, tolerance, effect = verified["max_abs_diff"], verified["tolerance"], verified["adapter_effect_max_abs"]
-    if not diff <= tolerance:
+    dtype, weights = verified["dtype"], verified.get("weights")
+    if not verified["passed"]:
+        if weights and weights["max_ulps"] > MAX_ULPS:
+            return Check("merge", "FAIL", f"final_model's weights are not base + adapter rounded to {dtype}: "
+                                          f"{weights['worst']} is {weights['max_ulps']:.3g} units in the last place off")
         return Check("merge", "FAIL", f"final_model differs from base + adapter: max |logit diff| {diff:.2e} > "
-                                      f"{tolerance:.3g} (the checker's tolerance for {verified['dtype']})")
-    if not effect >= ADAPTER_MATTERS * tolerance:
+                                      f"{tolerance:.3g} (the checker's tolerance for {dtype})")
+    floor = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2)
+    if not effect >= ADAPTER_MATTERS * floor:
         return Check("merge", "FAIL", f"the adapter barely changes the base (its logits move by {effect:.2e}, under "
-                                      f"{ADAPTER_MATTERS} x {tolerance:g}): train it (notebook 02) before merging")
-    return Check("merge", "PASS", f"final_model equals base + adapter: max |logit diff| {diff:.2e} <= {tolerance:g}; "
-                                  f"the adapter moves the logits by {effect:.2f}")
+                                      f"{ADAPTER_MATTERS} x {floor:g}): train it (notebook 02) before merging")
+    how = (f"every weight within {weights['max_ulps']:.0f} ulp of W + B·A in {dtype}" if weights
+           else f"max |logit diff| {diff:.2e} <= {tolerance:g}")
+    return Check("merge", "PASS", f"final_model equals base + adapter: {how}; the adapter moves the logits by {effect:.2f}")
 
 
 VLM_TABLE_KEYS = ("before_after", "table", "rows", "comparison")

@@ -12,11 +12,13 @@ from .template import stop_token_ids
 
 # Sample prompts whose logits must agree between base+adapter and the merged model.
 VERIFY_PROMPTS = ["请你介绍一下你自己", "你是谁", "今天天气怎么样？", "What is the capital of France?"]
-# How far merged and unmerged logits may drift apart at least: rounding of W + B·A in each dtype. A 16-bit
-# model's tolerance grows with its own rounding noise (NOISE_MARGIN x how far base + adapter computed in that
-# dtype is from the same computed in float32): at 1.8 B parameters that noise is far above these floors.
+# How far merged and unmerged logits may drift apart: rounding of W + B·A in each dtype. A 16-bit final_model
+# is judged on its weights instead (each must be W + B·A rounded to that dtype, within MAX_ULPS units in the last
+# place): storing a small update in 16 bits rounds part of it away, which moves the logits by an amount that
+# depends on the model and the training, not on whether the merge is right.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
-NOISE_MARGIN = 2
+NOISE_MARGIN = 2  # the logits' fallback for 16-bit adapters the weight check cannot read: 2 x that dtype's noise
+MAX_ULPS = 1  # W + B·A computed in 16 bits may round once more than computed in float32 and rounded once
 
 
 class AdapterError(ValueError):
@@ -204,12 +206,13 @@ def _logits(model, batches) -> list:
 
 def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, adapter: str | os.PathLike,
                  prompts: list[str] | None = None, tolerance: float | None = None) -> dict:
-    """Logits of final_model vs base + adapter (unmerged) on sample prompts: max abs difference and verdict.
+    """Does final_model compute base + adapter? Logits on sample prompts against base + adapter (unmerged,
+    float32), and for a 16-bit final_model its weights against W + B·A rounded to its dtype.
 
-    A 16-bit final_model is compared with base + adapter computed in float32 (the function the merge should
-    store), and its tolerance is measured, not guessed: NOISE_MARGIN x the distance of base + adapter computed
-    in that 16-bit dtype from the same in float32 (at least TOLERANCE[dtype]). A merge that dropped or
-    mis-scaled the adapter differs by about the adapter's own effect, far above that noise."""
+    float32: passes when the logits agree within `tolerance` (TOLERANCE by default). 16-bit: passes when every
+    weight is within MAX_ULPS of W + B·A rounded to that dtype (and the logits within `tolerance` if one is
+    given); the logits' distance is then reported, with the share of the adapter's changes too small to survive
+    the rounding. A merge that dropped or mis-scaled the adapter fails either way."""
     import torch
 
     prompts = list(prompts or VERIFY_PROMPTS)
@@ -221,19 +224,104 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     del merged
     sixteen = dtype in ("bfloat16", "float16")
     exact = _logits(load_model(base_model, adapter, dtype=torch.float32, device="cpu"), batches)
-    noise = 0.0
-    if sixteen:  # base + adapter in the final model's own dtype: how far that dtype's rounding alone moves it
-        noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device="cpu"),
-                                  batches), exact)
-    if tolerance is None:
-        tolerance = max(TOLERANCE.get(dtype, 1e-2), NOISE_MARGIN * noise)
     diffs = [float((a - b).abs().max()) for a, b in zip(exact, got)]
+    max_diff = max(diffs)
     # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
     effect = _max_diff(exact, _logits(load_model(base_model, dtype=torch.float32, device="cpu"), batches))
-    max_diff = max(diffs)
+    weights = check_merged_weights(final_model, base_model, adapter) if sixteen else None
+    noise = 0.0
+    if sixteen and weights is None and tolerance is None:  # an adapter kind the weight check cannot read
+        noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device="cpu"),
+                                  batches), exact)
+        tolerance = max(TOLERANCE[dtype], NOISE_MARGIN * noise)
+    if not sixteen and tolerance is None:
+        tolerance = TOLERANCE.get(dtype, 1e-2)
+    passed = (weights is None or weights["max_ulps"] <= MAX_ULPS) and (tolerance is None or max_diff <= tolerance)
     return {"prompts": prompts, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
-            "tolerance": tolerance, "dtype": dtype, "rounding_noise": noise, "adapter_effect_max_abs": effect,
-            "passed": bool(max_diff <= tolerance)}
+            "tolerance": tolerance, "dtype": dtype, "weights": weights, "rounding_noise": noise,
+            "adapter_effect_max_abs": effect, "passed": bool(passed)}
+
+
+def _tensors(folder: Path) -> dict:
+    """name -> (file, dtype) for every tensor in a folder's safetensors files (one or sharded)."""
+    from safetensors import safe_open
+
+    where = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                where[k] = f
+    return where
+
+
+def _load(where: dict, key: str):
+    from safetensors import safe_open
+
+    with safe_open(str(where[key]), framework="pt") as st:
+        return st.get_tensor(key)
+
+
+def check_merged_weights(final_model, base_model, adapter) -> dict | None:
+    """Every weight of a 16-bit final_model against W + scale·B·A, computed in float32 from the base's and the
+    adapter's own files and rounded once to the final dtype: the largest distance in units in the last place
+    (ulps), where it is, and the share of the adapter's nonzero changes that rounding left out. None for adapters
+    this reading does not cover (DoRA, per-module ranks, embedding adapters, transposed layers)."""
+    import torch
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern")
+            or config.get("alpha_pattern") or config.get("fan_in_fan_out")):
+        return None
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+    adapted = _load_all(Path(adapter))
+    prefix = "base_model.model."
+    lora, full = {}, {}
+    for k, v in adapted.items():
+        name = k[len(prefix):] if k.startswith(prefix) else k
+        if ".lora_A." in name or ".lora_B." in name:
+            module, part = name.rsplit(".lora_", 1)
+            lora.setdefault(module + ".weight", {})[part[0]] = v
+        elif "lora_embedding" in name:
+            return None
+        else:
+            full[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = v
+    base, final = _tensors(Path(base_model)), _tensors(Path(final_model))
+    worst, worst_at, changes, lost = 0.0, "", 0, 0
+    for key in sorted(final):
+        got = _load(final, key)
+        if not got.is_floating_point():
+            continue
+        if key in full:
+            expected = full[key].float()
+        else:
+            source = key if key in base else ("model.embed_tokens.weight" if key == "lm_head.weight" else None)
+            if source is None or source not in base:
+                return {"max_ulps": float("inf"), "worst": f"{key} (not in the base model)", "changes": 0,
+                        "rounded_away": 0.0}
+            expected = _load(base, source).float()
+            if key in lora:
+                delta = (lora[key]["B"].float() @ lora[key]["A"].float()) * scale
+                rounded_base = expected.to(got.dtype)
+                changed = delta != 0
+                changes += int(changed.sum())
+                lost += int((changed & (got == rounded_base)).sum())
+                expected = expected + delta
+        target = expected.to(got.dtype).float()
+        _, exponent = torch.frexp(target)
+        mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}.get(got.dtype, 23)
+        ulp = torch.ldexp(torch.ones_like(target), (exponent - 1 - mantissa_bits).clamp(min=-133))
+        ulps = float(((got.float() - target).abs() / ulp).max()) if got.numel() else 0.0
+        if ulps > worst:
+            worst, worst_at = ulps, key
+    return {"max_ulps": worst, "worst": worst_at, "changes": changes,
+            "rounded_away": lost / changes if changes else 0.0}
+
+
+def _load_all(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("adapter_model*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _max_diff(a: list, b: list) -> float:
