@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     preset = args.preset or ("tiny" if args.tiny else "homework")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     py = [sys.executable, "-m", "helpers"]
-    params = [x for name, value in [("base_model", str(model_dir)), ("preset", preset), *args.param] for x in ("-p", name, value)]
+    homework_data = [] if args.tiny else [("repeats", "10000")]  # notebook 01's homework size (its default is tiny's)
+    params = [x for name, value in [("base_model", str(model_dir)), ("preset", preset), *homework_data, *args.param]
+              for x in ("-p", name, value)]
 
     sampler = GpuSampler()
     sampler.start()
