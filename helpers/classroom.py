@@ -338,13 +338,18 @@ def run_slurm(tasks: list[Task], options: SlurmOptions, folder: Path) -> list[di
         raise
 
 
-def _execute(tasks: list[Task], root: Path, workers: int, slurm: SlurmOptions | None) -> list[dict]:
+def _execute(tasks: list[Task], root: Path, workers: int, slurm: SlurmOptions | None) -> list[dict] | None:
+    """Every task on the pool or on Slurm; None after one error sentence when the engine cannot start."""
     for t in tasks:  # a fresh run: last time's logs would confuse the table and the summary
         Path(t.log).unlink(missing_ok=True)
         Path(t.status).unlink(missing_ok=True)
-    if slurm is not None:
-        return run_slurm(tasks, slurm, root / LOGS / "slurm")
-    return run_local(tasks, workers)
+    try:
+        if slurm is not None:
+            return run_slurm(tasks, slurm, root / LOGS / "slurm")
+        return run_local(tasks, workers)
+    except ClassRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def _student_work(root: Path, sid: str):
@@ -396,10 +401,8 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
                 "-f", str(params_file)] + (["--only", ",".join(nb.stem for nb in notebooks)] if only else [])
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
                           total=len(notebooks)))
-    try:
-        results = _execute(tasks, root, workers, slurm)
-    except ClassRunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = _execute(tasks, root, workers, slurm)
+    if results is None:
         return 2
     rows = []
     for task, r in zip(tasks, results):
@@ -431,10 +434,8 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
         (logs / f"{sid}.json").unlink(missing_ok=True)
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
                           final_codes=(0, 1)))  # a failed check is a verdict; only a crash is retried
-    try:
-        results = _execute(tasks, root, workers, slurm)
-    except ClassRunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = _execute(tasks, root, workers, slurm)
+    if results is None:
         return 2
     rows = []
     for task, r in zip(tasks, results):

@@ -40,7 +40,7 @@ def _json_records_with_lines(text: str, path: Path) -> list[tuple[object, int]]:
             f"{path}: the top level is a {type(value).__name__}, not a list; wrap the records in [ ... ]."
         )
     i += 1
-    records = []
+    records, line, counted = [], 1, 0  # newlines counted up to `counted`: each character is counted once
     while True:
         while i < len(text) and text[i] in " \t\r\n,":
             i += 1
@@ -52,7 +52,9 @@ def _json_records_with_lines(text: str, path: Path) -> list[tuple[object, int]]:
             value, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); fix the syntax there.") from None
-        records.append((value, text.count("\n", 0, i) + 1))
+        line += text.count("\n", counted, i)
+        counted = i
+        records.append((value, line))
         i = end
 
 

@@ -280,7 +280,13 @@ def load_model_for_training(config: TrainConfig, model_path: str):
 def encode_dataset(tokenizer, data_path, max_length: int) -> list[dict]:
     """Every record as {input_ids, labels}, truncated to max_length; one sentence for data that cannot train."""
     conversations = load_dataset(data_path)
-    full = [encode_messages(tokenizer, c) for c in conversations]
+    encoded: dict[str, dict] = {}  # the course's data repeats a few conversations thousands of times: encode each once
+    full = []
+    for c in conversations:
+        key = json.dumps(c, ensure_ascii=False, sort_keys=True)
+        if key not in encoded:
+            encoded[key] = encode_messages(tokenizer, c)
+        full.append(encoded[key])
     lengths = [len(e["input_ids"]) for e in full]
     if min(lengths) > max_length:
         raise TrainConfigError(f"max_length={max_length} is shorter than every sample in {data_path} (the shortest "
