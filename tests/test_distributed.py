@@ -145,40 +145,46 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
     assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
 
 
-def _sharded_model_takes_the_fused_loss(out_dir: str) -> None:
-    """One rank: a tiny Llama sharded with FSDP2 (layers and root), the kit's packed loss through the wrapper."""
-    from accelerate import PartialState
-    from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
+SHARDED_RANK = """
+import sys
 
-    from helpers.distributed import through_wrapper
-    from helpers.fast_path import batch_from_positions, packed_loss
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
 
-    state = PartialState(cpu=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.lm_head.requires_grad_(False)  # frozen, as under LoRA: the fused loss reads its weight
-    ids = torch.arange(1, 25).remainder(90)[None] + 3
-    batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
-                                  "labels": ids.clone()})
-    alone = float(packed_loss(model, batch))
-    for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
-        fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
-    fully_shard(model)
-    assert hasattr(model.lm_head.weight, "full_tensor")  # the output layer's weight is this rank's shard
-    sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
-    sharded.backward()
-    torch.save(torch.tensor([alone, float(sharded)]), f"{out_dir}/loss{state.process_index}.pt")
+from helpers.distributed import through_wrapper
+from helpers.fast_path import batch_from_positions, packed_loss
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+model = LlamaForCausalLM(config)
+model.lm_head.requires_grad_(False)  # frozen, as under LoRA: the fused loss reads its weight
+ids = torch.arange(1, 25).remainder(90)[None] + 3
+batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
+                              "labels": ids.clone()})
+alone = float(packed_loss(model, batch))
+for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
+    fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
+fully_shard(model)
+assert hasattr(model.lm_head.weight, "full_tensor")  # at rest the output layer's weight is this rank's shard
+sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
+sharded.backward()
+torch.save(torch.tensor([alone, float(sharded)]), f"{sys.argv[1]}/loss{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
 
 
 def test_the_fused_loss_reads_a_sharded_output_layer(tmp_path):
-    from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    debug_launcher(_sharded_model_takes_the_fused_loss, (str(tmp_path),), num_processes=2)
+    """Two fresh CPU ranks (torchrun, gloo): a tiny Llama sharded with FSDP2 takes the kit's packed loss."""
+    script = tmp_path / "rank.py"
+    script.write_text(SHARDED_RANK, encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     for r in (0, 1):
         alone, sharded = torch.load(tmp_path / f"loss{r}.pt").tolist()
         assert sharded == pytest.approx(alone, rel=1e-5)
