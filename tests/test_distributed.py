@@ -146,6 +146,7 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
 
 
 SHARDED_RANK = """
+import os
 import sys
 
 import torch
@@ -165,15 +166,17 @@ model.lm_head.requires_grad_(False)  # frozen, as under LoRA: the fused loss rea
 ids = torch.arange(1, 25).remainder(90)[None] + 3
 batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
                               "labels": ids.clone()})
-alone = float(packed_loss(model, batch))
+alone = float(packed_loss(model, batch).detach())
 for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
     fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
 fully_shard(model)
 assert hasattr(model.lm_head.weight, "full_tensor")  # at rest the output layer's weight is this rank's shard
 sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
 sharded.backward()
-torch.save(torch.tensor([alone, float(sharded)]), f"{sys.argv[1]}/loss{dist.get_rank()}.pt")
-dist.destroy_process_group()
+torch.save(torch.tensor([alone, float(sharded.detach())]), f"{sys.argv[1]}/loss{dist.get_rank()}.pt")
+dist.barrier()
+sys.stdout.flush()
+os._exit(0)  # both ranks' figures are saved; gloo's teardown after FSDP can abort the process on exit
 """
 
 
