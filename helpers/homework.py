@@ -240,13 +240,11 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
         return Check("merge", "FAIL", _not_run("03_merge", work, f"the model in {work.final_model}"))
     try:
         from .base_model import base_model_path
-        from .merge import verify_merge
+        from .merge import MAX_ULPS, TOLERANCE, verify_merge
 
         verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # its own tolerance
     except Exception as e:
         return Check("merge", "FAIL", f"final_model and base + adapter do not both load ({_first_line(e)})")
-    from .merge import MAX_ULPS, TOLERANCE
-
     diff, tolerance, effect = verified["max_abs_diff"], verified["tolerance"], verified["adapter_effect_max_abs"]
     dtype, weights = verified["dtype"], verified.get("weights")
     if not verified["passed"]:

@@ -1,6 +1,7 @@
 """Merging a LoRA adapter into its base model: one full model that loads with AutoModelForCausalLM alone."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -223,11 +224,15 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     dtype = str(merged.dtype).replace("torch.", "")
     del merged
     sixteen = dtype in ("bfloat16", "float16")
-    exact = _logits(load_model(base_model, adapter, dtype=torch.float32, device="cpu"), batches)
+    reference = load_model(base_model, adapter, dtype=torch.float32, device="cpu")
+    exact = _logits(reference, batches)
+    with reference.disable_adapter():  # the base alone, from the same loaded weights
+        plain = _logits(reference, batches)
+    del reference
     diffs = [float((a - b).abs().max()) for a, b in zip(exact, got)]
     max_diff = max(diffs)
     # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
-    effect = _max_diff(exact, _logits(load_model(base_model, dtype=torch.float32, device="cpu"), batches))
+    effect = _max_diff(exact, plain)
     weights = check_merged_weights(final_model, base_model, adapter) if sixteen else None
     noise = 0.0
     if sixteen and weights is None and tolerance is None:  # an adapter kind the weight check cannot read
@@ -242,23 +247,16 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
             "adapter_effect_max_abs": effect, "passed": bool(passed)}
 
 
-def _tensors(folder: Path) -> dict:
-    """name -> (file, dtype) for every tensor in a folder's safetensors files (one or sharded)."""
+def _tensors(folder: Path, stack) -> dict:
+    """name -> an open safetensors file holding it, for every tensor of a folder (one file or sharded); each file
+    is opened once, for as long as `stack` (a contextlib.ExitStack) lives."""
     from safetensors import safe_open
 
     where = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                where[k] = f
+        handle = stack.enter_context(safe_open(str(f), framework="pt"))
+        where.update(dict.fromkeys(handle.keys(), handle))
     return where
-
-
-def _load(where: dict, key: str):
-    from safetensors import safe_open
-
-    with safe_open(str(where[key]), framework="pt") as st:
-        return st.get_tensor(key)
 
 
 def check_merged_weights(final_model, base_model, adapter) -> dict | None:
@@ -266,8 +264,6 @@ def check_merged_weights(final_model, base_model, adapter) -> dict | None:
     adapter's own files and rounded once to the final dtype: the largest distance in units in the last place
     (ulps), where it is, and the share of the adapter's nonzero changes that rounding left out. None for adapters
     this reading does not cover (DoRA, per-module ranks, embedding adapters, transposed layers)."""
-    import torch
-
     config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern")
             or config.get("alpha_pattern") or config.get("fan_in_fan_out")):
@@ -286,10 +282,17 @@ def check_merged_weights(final_model, base_model, adapter) -> dict | None:
             return None
         else:
             full[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = v
-    base, final = _tensors(Path(base_model)), _tensors(Path(final_model))
+    with contextlib.ExitStack() as stack:
+        base, final = _tensors(Path(base_model), stack), _tensors(Path(final_model), stack)
+        return _compare_weights(base, final, lora, full, scale)
+
+
+def _compare_weights(base: dict, final: dict, lora: dict, full: dict, scale: float) -> dict:
+    import torch
+
     worst, worst_at, changes, lost = 0.0, "", 0, 0
     for key in sorted(final):
-        got = _load(final, key)
+        got = final[key].get_tensor(key)
         if not got.is_floating_point():
             continue
         if key in full:
@@ -299,7 +302,7 @@ def check_merged_weights(final_model, base_model, adapter) -> dict | None:
             if source is None or source not in base:
                 return {"max_ulps": float("inf"), "worst": f"{key} (not in the base model)", "changes": 0,
                         "rounded_away": 0.0}
-            expected = _load(base, source).float()
+            expected = base[source].get_tensor(source).float()
             if key in lora:
                 delta = (lora[key]["B"].float() @ lora[key]["A"].float()) * scale
                 rounded_base = expected.to(got.dtype)
