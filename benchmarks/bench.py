@@ -29,13 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from random_model import REAL, TINY, build_model  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (8192^3, random data)
-REAL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768, tie_word_embeddings=False,
-            rms_norm_eps=1e-5, rope_theta=1e6)
-TINY = dict(REAL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=2000)
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 # (label, rows, tokens per row, packed)
@@ -381,30 +379,6 @@ def versions():
 
 
 # ---------------------------------------------------------------- orchestrator
-def build_model(model_dir: Path, tiny: bool):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from transformers import GenerationConfig
-
-    from helpers.template import END_OF_TURN
-    from helpers.tiny_model import build_tokenizer
-
-    if (model_dir / "config.json").exists():
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    tok = build_tokenizer()  # the kit's own tokenizer (ids < its size): the course's data and template
-    stop = tok.convert_tokens_to_ids(END_OF_TURN)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, stop], pad_token_id=tok.pad_token_id)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**(TINY if tiny else REAL), **ids)).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(**ids)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    del model
-
-
 def homework_rows(results):
     """Homework time per recipe: measured end to end for the kit, projected from timed steps for the peers."""
     tokens = HOMEWORK_EPOCHS * HOMEWORK_SAMPLES * 48

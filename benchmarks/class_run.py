@@ -23,48 +23,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DIMS = {
-    "internlm2-1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                           intermediate_size=8192, vocab_size=92544, max_position_embeddings=32768,
-                           rope_theta=1000000.0),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192, vocab_size=2048, max_position_embeddings=2048),
-}
+from gpu_sampler import GpuSampler  # noqa: E402
+from random_model import build_model  # noqa: E402
+
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何林罗高郑梁谢宋唐许韩冯邓曹"
 GIVEN = "明红刚伟芳娜敏静丽强磊军洋勇艳杰娟涛超霞平刚桂英华玉兰秀"
 BROKEN = ("general_ratio", "2", "general_ratio is 2.0; use a share between 0 and 1")
-
-
-def build_base_model(out_dir: Path, dims: dict) -> Path:
-    """A random-weight Llama of the given shape with the kit's tokenizer, saved in bf16 (built once, shared)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from helpers.template import END_OF_TURN
-    from helpers.tiny_model import build_tokenizer
-
-    if (out_dir / "config.json").exists():
-        return out_dir
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    stop = tok.convert_tokens_to_ids(END_OF_TURN)
-    dims = {**dims, "vocab_size": max(dims["vocab_size"], len(tok))}  # the real vocab is larger than the kit's tokenizer
-    config = LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, stop],
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **dims)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 def write_class(path: Path, students: int) -> list[str]:
@@ -75,29 +46,6 @@ def write_class(path: Path, students: int) -> list[str]:
     rows = [f"s{i + 1:02d},{name},{BROKEN[1] if i == broken else ''}" for i, name in enumerate(names)]
     path.write_text(f"student_id,name,{BROKEN[0]}\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return [f"s{broken + 1:02d}"]
-
-
-class GpuSampler(threading.Thread):
-    """nvidia-smi's utilization.gpu of every GPU, once a second, while the class runs."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.samples: dict[str, list[int]] = {}
-        self.stop = threading.Event()
-
-    def run(self):
-        while not self.stop.wait(1.0):
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=30).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                return
-            for line in out.strip().splitlines():
-                index, util = (x.strip() for x in line.split(","))
-                self.samples.setdefault(index, []).append(int(util))
-
-    def busy_share(self) -> dict[str, float]:
-        return {gpu: statistics.mean(u) / 100 for gpu, u in sorted(self.samples.items()) if u}
 
 
 def timed(argv: list[str], log: Path, env: dict) -> float:
@@ -128,7 +76,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / ("base-model-tiny" if args.tiny else "base-model-internlm2-1.8b")
     t0 = time.time()
-    build_base_model(model_dir, DIMS["tiny" if args.tiny else "internlm2-1.8b"])
+    build_model(model_dir, args.tiny)
     build_s = time.time() - t0
     students_csv = out / "students.csv"
     broken = write_class(students_csv, args.students)
@@ -141,11 +89,9 @@ def main(argv=None) -> int:
     params = [x for name, value in [("base_model", str(model_dir)), ("preset", preset), *homework_data, *args.param]
               for x in ("-p", name, value)]
 
-    sampler = GpuSampler()
-    sampler.start()
-    run_s = timed(py + ["run", "--class", str(students_csv), "--work-dir", str(class_dir), "--only", only,
-                        "--workers", str(args.workers), *params], out / "class_run.log", env)
-    sampler.stop.set()
+    with GpuSampler(1.0) as sampler:
+        run_s = timed(py + ["run", "--class", str(students_csv), "--work-dir", str(class_dir), "--only", only,
+                            "--workers", str(args.workers), *params], out / "class_run.log", env)
     skip = [] if "05" in only.split(",") else ["--skip", "vlm"]  # the class did not run the VLM notebook
     check_s = timed(py + ["homework", "check", str(class_dir), "--class", str(students_csv), "--workers",
                           str(args.workers), "--publish", *skip], out / "class_check.log", env)
@@ -172,7 +118,7 @@ def main(argv=None) -> int:
         "broken_student_fails_with_its_sentence": broken_ok,
         "broken_reason": broken_rows[0]["reason"] if broken_rows else "",
         "retries": {r["student_id"]: int(r["attempts"]) for r in summary if int(r["attempts"]) > 1},
-        "gpu_busy_share": {k: round(v, 3) for k, v in busy.items()},
+        "gpu_busy_share": busy, "gpu_peak_memory_gib": round(sampler.peak_mib() / 1024, 1),
         "gpu_busy_share_mean": round(statistics.mean(busy.values()), 3) if busy else None,
         "check_passes": check_counts,
         "check_passed_students": sum(r["status"] == "passed" for r in read_csv(class_dir / "class_check.csv")),
@@ -184,6 +130,7 @@ def main(argv=None) -> int:
         f"| class wall time | {run_s:.0f} s ({run_s / 60:.1f} min) |",
         f"| per passing student | min {result['per_student_s']['min']:.0f} s, median {result['per_student_s']['median']:.0f} s, max {result['per_student_s']['max']:.0f} s |",
         f"| GPU busy share (nvidia-smi, 1 s) | {result['gpu_busy_share_mean'] if busy else 'no GPU'} {json.dumps(result['gpu_busy_share']) if busy else ''} |",
+        f"| GPU memory in use, peak of one GPU | {str(result['gpu_peak_memory_gib']) + ' GiB' if busy else 'no GPU'} |",
         f"| summary | {len(passed)} passed, {len(summary) - len(passed)} failed; broken student fails with its sentence: {broken_ok} |",
         f"| retries | {result['retries'] or 'none'} |",
         f"| homework check (parallel) wall time | {check_s:.0f} s |",

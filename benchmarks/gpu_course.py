@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,30 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-class GpuMemorySampler:
-    """Peak device memory in use (all processes: the notebook's kernel is another process), every 0.5 s."""
-
-    def __init__(self):
-        self.peak_mib, self.stop = 0, threading.Event()
-        self.ok = shutil.which("nvidia-smi") is not None
-
-    def __enter__(self):
-        if self.ok:
-            self.thread = threading.Thread(target=self.run, daemon=True)
-            self.thread.start()
-        return self
-
-    def run(self):
-        while not self.stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
-            if out:
-                self.peak_mib = max(self.peak_mib, int(out[0]))
-            self.stop.wait(0.5)
-
-    def __exit__(self, *exc):
-        self.stop.set()
+from gpu_sampler import GpuSampler  # noqa: E402
+from random_model import build_model  # noqa: E402
 
 
 def outcome(number: str, r: dict) -> str:
@@ -81,8 +57,6 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated notebook numbers (default: all)")
     args = ap.parse_args(argv)
 
-    from bench import build_model
-
     from helpers.paths import work as make_work
     from helpers.runner import course_notebooks, print_table, run_course
 
@@ -101,14 +75,14 @@ def main(argv=None) -> int:
     for nb in course_notebooks(args.only.split(",") if args.only else None):
         number = nb.name[:2]
         start = time.perf_counter()
-        with GpuMemorySampler() as sampler:
+        with GpuSampler(0.5) as sampler:
             code = run_course(w.root, only=[number], params=params, quiet=True)
         seconds = time.perf_counter() - start
         results = {}
         for p in w.results.glob(f"{number}_*.json"):
             results = json.loads(p.read_text(encoding="utf-8"))
         own = results.get("peak_memory_mb")
-        peak = f"{sampler.peak_mib / 1024:.1f} GiB" if sampler.ok else "–"
+        peak = f"{sampler.peak_mib() / 1024:.1f} GiB" if sampler.ok else "–"
         if own:
             peak += f" (training {own / 1024:.1f} GiB)"
         rows.append((nb.name, "ok" if code == 0 else "FAILED", f"{seconds:.1f}", peak, outcome(number, results)))

@@ -1,11 +1,14 @@
 """The homework on 1 and 2 GPUs through helpers.train.train: DDP, DeepSpeed ZeRO-2 and FSDP beside one GPU.
 
 A random-weight Llama at internlm2-chat-1.8b dimensions (hidden 2048, 24 layers, 16/8 heads, FFN 8192,
-vocab 92,544, bf16; nothing is downloaded) trains the course's homework settings (16 x 1024 tokens per update,
-LoRA r=64 on all linear layers, lr 2e-4) for --steps updates, once per setup, each through
-`python -m helpers train --num-gpus N --distributed X` (notebook 02's training). The table: tokens/s, ratio to
-one GPU (target >= 1.8x for DDP), loss first -> last and the largest gap to the 1-GPU curve, peak memory of the
-main rank, and whether the trained adapter answers the evaluation questions as the 1-GPU one does.
+vocab 92,544, bf16; nothing is downloaded) trains the whole homework as a student runs it (notebook 01's data
+with repeats 10,000, 2 epochs, 16 x 1024 tokens per update, LoRA r=64 on all linear layers, lr 2e-4; dropout 0
+so that the curves compare update by update), or --steps updates, once per setup, each through
+`python -m helpers train --num-gpus N --distributed X` (notebook 02's training). The table: tokens/s (median of
+the logged intervals after the first two), ratio to one GPU (target >= 1.8x for DDP), each GPU's busy share
+over those intervals (nvidia-smi every 0.2 s), loss first -> last and the largest gap to the 1-GPU curve, how
+far the learned adapter (its lora_B weights) is from the 1-GPU one, peak memory of the main rank, and the
+training and wall seconds (load to saved adapter) from the run's record.
 
 On the 2 x H200 machine (python 3.12, torch 2.11, transformers 5.17, accelerate 1.15), one command, ~8 min;
 the wheels are carried in .whl (peft, bitsandbytes) and .whl13 (deepspeed and what it needs):
@@ -30,57 +33,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-REAL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6)
-TINY = dict(REAL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=2000)
+from gpu_sampler import GpuSampler  # noqa: E402
+from random_model import build_model  # noqa: E402
+
 SETUPS = [("1 GPU", 1, "ddp"), ("2 GPUs DDP", 2, "ddp"), ("2 GPUs ZeRO-2", 2, "zero2"), ("2 GPUs FSDP", 2, "fsdp")]
 
 
-def build_model(model_dir: Path, tiny: bool) -> Path:
-    """Random weights in the real layout, the kit's tokenizer (its ids are a subset of the vocabulary)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from helpers.template import END_OF_TURN
-    from helpers.tiny_model import build_tokenizer
-
-    tok = build_tokenizer()
-    stop = tok.convert_tokens_to_ids(END_OF_TURN)
-    torch.manual_seed(0)
-    config = LlamaConfig(**(TINY if tiny else REAL), bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, stop],
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.float32 if tiny else torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return model_dir
-
-
 def run_setup(label, gpus, strategy, model_dir, data, root, steps, tiny) -> dict:
-    """One training through the kit's command line; the figures come from the files it wrote."""
+    """One training through the kit's command line; the figures come from the files it wrote and nvidia-smi."""
     from helpers.paths import work as make_work
     from helpers.train import evaluation_rounds, read_metrics
 
     w = make_work(root / label.replace(" ", "_"))
     w.dataset.parent.mkdir(parents=True, exist_ok=True)
     w.dataset.write_bytes(data.read_bytes())
-    config = dict(preset="homework", base_model=str(model_dir), max_steps=steps, evaluation_freq=steps,
-                  save_steps=steps, logging_steps=1, max_new_tokens=16, lora_dropout=0.0, resume=False)
+    # The homework as a student runs it (notebook 01's data, 2 epochs, the preset's logging every 10 updates);
+    # dropout 0 so that the setups' curves can be compared update by update.
+    config = dict(preset="homework", base_model=str(model_dir), max_new_tokens=16, lora_dropout=0.0, resume=False)
+    if steps:
+        config |= dict(max_steps=steps, evaluation_freq=steps, save_steps=steps, logging_steps=max(1, steps // 8))
     if tiny:
         config |= dict(max_length=256, lr=2e-3)
     command = [sys.executable, "-m", "helpers", "train", "--work-dir", str(w.root), "--num-gpus", str(gpus),
                "--distributed", strategy, "--config-json", json.dumps(config)]
     start = time.perf_counter()
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried wheels stay found
-    done = subprocess.run(command, env=os.environ | {"PYTHONPATH": path, "KIT_HEADLESS": "1"},
-                          capture_output=True, text=True)
+    with GpuSampler(0.2) as sampler:
+        done = subprocess.run(command, env=os.environ | {"PYTHONPATH": path, "KIT_HEADLESS": "1"},
+                              capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
@@ -91,40 +73,60 @@ def run_setup(label, gpus, strategy, model_dir, data, root, steps, tiny) -> dict
         return {"setup": label, "status": why[:200], "seconds": round(seconds)}
     record = json.loads((w.adapter / "training_record.json").read_text())
     metrics = read_metrics(w)
-    speeds = [m["tokens_per_s"] for m in metrics[3:]] or [m["tokens_per_s"] for m in metrics]
+    timed = metrics[2:] if len(metrics) > 3 else metrics[1:] or metrics  # past the first rows' warm-up
+    busy = sampler.busy_share(since=timed[0]["time"] - 1, until=timed[-1]["time"]) if sampler.ok else {}
     rounds = evaluation_rounds(w)
-    return {"setup": label, "status": "ok", "seconds": round(seconds), "tokens_per_s": statistics.median(speeds),
+    return {"setup": label, "status": "ok", "seconds": round(seconds), "updates": record["steps"],
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
             "losses": [m["loss"] for m in metrics], "peak_memory_gib": round(record["peak_memory_mb"] / 1024, 1),
-            "answers": rounds[-1]["answers"] if rounds else [], "fast_path": (record.get("fast_path") or {}).get("reason")}
+            "train_seconds": record["train_seconds"], "wall_seconds": record.get("wall_seconds"),
+            "gpu_busy": [busy[str(i)] for i in range(gpus) if str(i) in busy],
+            "adapter": str(w.adapter), "answers": rounds[-1]["answers"] if rounds else [],
+            "fast_path": (record.get("fast_path") or {}).get("reason")}
+
+
+def adapter_gap(adapter: str, reference: str) -> float:
+    """How far an adapter's learned part (every lora_B, zero at the start) is from the reference's:
+    ||B - B_ref|| / ||B_ref|| over all of them."""
+    from safetensors.torch import load_file
+
+    mine, ref = (load_file(str(Path(a) / "adapter_model.safetensors")) for a in (adapter, reference))
+    keys = [k for k in ref if ".lora_B." in k]
+    diff = sum(float((mine[k].float() - ref[k].float()).pow(2).sum()) for k in keys)
+    norm = sum(float(ref[k].float().pow(2).sum()) for k in keys)
+    return (diff / max(norm, 1e-30)) ** 0.5
 
 
 def table(results: list[dict]) -> str:
     one = next((r for r in results if r["setup"] == "1 GPU" and r["status"] == "ok"), None)
-    head = "| setup | tokens/s | vs 1 GPU | loss first → last | max gap to 1 GPU | peak memory | same answers |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| setup | updates | tokens/s | vs 1 GPU | GPU busy | loss first → last | max gap to 1 GPU "
+            "| adapter gap to 1 GPU | peak memory | training s | student's wall s |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['setup']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['setup']} | {r['status']} |" + " |" * 9)
             continue
         ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one else "–"
         gap = max((abs(a - b) / max(abs(b), 1e-9) for a, b in zip(r["losses"], one["losses"])), default=0.0) \
             if one else 0.0
-        same = ("yes" if r["answers"] == one["answers"] else "no") if one else "–"
-        lines.append(f"| {r['setup']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['losses'][0]:.3f} → "
-                     f"{r['losses'][-1]:.3f} | {gap:.1%} | {r['peak_memory_gib']} GiB | {same} |")
+        weights = f"{adapter_gap(r['adapter'], one['adapter']):.1%}" if one else "–"
+        busy = " / ".join(f"{b:.0%}" for b in r["gpu_busy"]) or "–"
+        lines.append(f"| {r['setup']} | {r['updates']} | {r['tokens_per_s']:,.0f} | {ratio} | {busy} | "
+                     f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f} | {gap:.1%} | {weights} | "
+                     f"{r['peak_memory_gib']} GiB | {r['train_seconds']} | {r['wall_seconds']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny dims on a CPU (2 processes over gloo): checks the code")
-    p.add_argument("--steps", type=int, default=None, help="updates per setup (default 30 on a GPU, 4 tiny)")
+    p.add_argument("--steps", type=int, default=None, help="updates per setup (default: the whole homework; 4 tiny)")
     p.add_argument("--setups", default=None, help="comma-separated labels' first words, e.g. 1,ddp (default all)")
     p.add_argument("--deadline", type=float, default=450, help="seconds; setups not started by then are skipped")
     p.add_argument("--out", default=None, help="folder for tables.md and results.json (default: the temp dir)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    steps = args.steps or (4 if args.tiny else 30)
+    steps = args.steps or (4 if args.tiny else None)
 
     from helpers.data import make_dataset
 
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    print(f"\n{steps} updates per setup, {time.perf_counter() - t0:.0f} s in all; results in {out}")
+    print(f"\n{steps or 'the homework: all its'} updates per setup, {time.perf_counter() - t0:.0f} s in all; results in {out}")
     return 0 if all(r["status"] == "ok" or r["status"].startswith(("error: distributed='zero2'", "skipped"))
                     for r in results) else 1
 

@@ -578,7 +578,8 @@ def _callbacks():
                    "lr": float(logs.get("learning_rate", 0.0)),
                    "grad_norm": None if logs.get("grad_norm") is None else round(float(logs["grad_norm"]), 6),
                    "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
-                   "peak_memory_mb": round(peak_memory_mb(), 1), "epoch": round(float(logs.get("epoch", 0)), 4)}
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "epoch": round(float(logs.get("epoch", 0)), 4),
+                   "time": round(time.time(), 2)}
             self.last_time, self.last_tokens = now, tokens
             self.rows.append(row)
             with self.metrics_path.open("a") as f:

@@ -205,3 +205,21 @@ def test_a_16_bit_merge_is_judged_on_its_weights(tiny_model_dir, tmp_path):
     assert check["adapter_effect_max_abs"] > check["max_abs_diff"] > 0
     lost = verify_merge(base, base, adapter)  # the base posing as the merged model
     assert not lost["passed"] and lost["weights"]["max_ulps"] > 1000 and lost["weights"]["rounded_away"] == 1.0
+
+
+def test_the_check_runs_on_the_gpu_only_where_the_float32_base_fits(tiny_model_dir, monkeypatch):
+    from helpers.merge import verify_device
+    from helpers.train import GPU_SHARE_ENV
+
+    assert verify_device(tiny_model_dir) == ("cuda" if torch.cuda.is_available() else "cpu")
+    stored = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    need = stored * 1.25 + 2 * 2**30  # the tiny model is stored in float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (need + 1, 4 * need))
+    assert verify_device(tiny_model_dir) == "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (need - 1, 4 * need))
+    assert verify_device(tiny_model_dir) == "cpu"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * need, 4 * need))
+    monkeypatch.setenv(GPU_SHARE_ENV, "0.2")  # a student sharing the card keeps to its share
+    assert verify_device(tiny_model_dir) == "cpu"
