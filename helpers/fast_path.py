@@ -331,7 +331,7 @@ def packed_loss(model, batch: dict, plan: FastPlan | None = None, normalizer: fl
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                      **kwargs).last_hidden_state
     targets = batch["targets"].reshape(-1)
-    keep = (targets != IGNORE).nonzero().squeeze(1)
+    keep = batch["keep"] if "keep" in batch else (targets != IGNORE).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     y = targets.index_select(0, keep)
     head = lm.get_output_embeddings()
@@ -352,7 +352,8 @@ def batch_from_positions(inputs: dict, pad_to: int | None = None, max_seq: int |
     """A Trainer batch of packed rows (position_ids restart at 0 per sample) -> one flat varlen row.
 
     `pad_to` pads the row to a fixed number of tokens (blocks of at most `max_seq` that predict nothing) and
-    `max_seq` fixes the varlen bound: compiled layers then see the same shapes at every step.
+    `max_seq` fixes the varlen bound: compiled layers then see the same shapes at every step. The collator calls
+    it on the CPU, so the GPU never waits for these small index computations (each would be a sync).
     """
     import torch
 
@@ -371,7 +372,8 @@ def batch_from_positions(inputs: dict, pad_to: int | None = None, max_seq: int |
     longest = max(ceil_div(int(lengths.max()), 64) * 64, ceil_div(max_seq or 0, 64) * 64)
     cu = bounds.to(torch.int32)
     return {"input_ids": ids[None], "position_ids": pos[None], "targets": targets[None], "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+            "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+            "keep": (targets != IGNORE).nonzero().squeeze(1)}
 
 
 def set_training_mode(model, on: bool) -> None:
@@ -427,11 +429,13 @@ def packed_trainer_loss(model, inputs: dict, num_items_in_batch=None):
     fast = getattr(lm, "_kit_trainer_fast", None) or {}
     set_training_mode(model, True)
     compiled = bool(fast.get("compiled"))
-    batch = batch_from_positions(inputs, fast.get("pad_to"), fast.get("max_seq"))
+    batch = inputs.get("varlen") or batch_from_positions(inputs, fast.get("pad_to"), fast.get("max_seq"))
     if compiled:  # the number of samples changes every step: one compiled graph for all of them
         for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
             torch._dynamo.maybe_mark_dynamic(batch[key], 0)
-    n = float(num_items_in_batch) if num_items_in_batch is not None else None
+    n = num_items_in_batch  # the Trainer's count of trained tokens, a tensor on the GPU: no float() (a sync)
+    if torch.is_tensor(n):
+        n = n.to(batch["targets"].device, torch.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast.get("autocast") and inputs["input_ids"].is_cuda \
         else contextlib.nullcontext()
     try:

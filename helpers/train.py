@@ -353,8 +353,9 @@ class Collator:
     """Pads a batch to its longest row. Packed rows carry position_ids and no attention_mask (the mask
     builder turns restarting positions into a block-diagonal causal mask); plain rows get an attention_mask."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, varlen: tuple[int, int] | None = None):
         self.pad = pad_token_id
+        self.varlen = varlen  # the fast path's (tokens per forward, max_length): packed rows also go flat, as it reads them
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -370,11 +371,18 @@ class Collator:
                 batch.setdefault("position_ids", []).append(r["position_ids"] + list(range(n)))
             else:
                 batch.setdefault("attention_mask", []).append([1] * len(r["input_ids"]) + [0] * n)
-        return {k: torch.tensor(v) for k, v in batch.items()}
+        batch = {k: torch.tensor(v) for k, v in batch.items()}
+        if packed and self.varlen:
+            from .fast_path import batch_from_positions
+
+            batch["varlen"] = batch_from_positions(batch, *self.varlen)
+        return batch
 
 
-def make_collator(tokenizer) -> Collator:
-    return Collator(tokenizer.pad_token_id)
+def make_collator(tokenizer, model=None) -> Collator:
+    """The Trainer's collator; for a model prepared for the fast path it also lays each batch out flat."""
+    fast = getattr(model.get_base_model(), "_kit_trainer_fast", None) if model is not None else None
+    return Collator(tokenizer.pad_token_id, (fast["pad_to"], fast["max_seq"]) if fast else None)
 
 
 def compute_loss(model, inputs: dict, num_items_in_batch=None):
@@ -437,16 +445,47 @@ def _trainer_class():
         loss_sum_before = 0.0  # the loss summed over the updates a resumed run inherits from its checkpoint
 
         def _get_grad_norm(self, model, grad_norm=None):
-            # Checked before the optimizer step, once per update (one sync): a non-finite loss or gradient norm
-            # stops here, so no NaN reaches the weights, a checkpoint or the adapter.
+            # The NaN guard, once per update before the optimizer step: a non-finite loss or gradient norm stops
+            # training, so no NaN reaches the weights, a checkpoint or the adapter. A fused AdamW (the GPU's
+            # optimizer) is told on the device to skip a bad step, and the verdict is read one update later, when
+            # the GPU has long computed it: the host never waits for the GPU here. Other optimizers (and FSDP's
+            # sharded weights) wait for the verdict: a sync.
             grad_norm = super()._get_grad_norm(model, grad_norm)
             import torch
 
+            self.settle_guard()
             loss = self._tr_loss.detach().float()
             norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device)
-            if not bool(torch.isfinite(loss + norm)):
-                raise TrainingDiverged(self.state.global_step + 1, float(loss), float(norm))
+            bad = ~torch.isfinite(loss + norm)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not (isinstance(inner, torch.optim.Optimizer) and inner.defaults.get("fused")) or self.is_fsdp_enabled:
+                if bool(bad):
+                    raise TrainingDiverged(self.state.global_step + 1, float(loss), float(norm))
+                return grad_norm
+            inner.found_inf = bad.float()  # read by the fused kernel: a bad step changes nothing
+            verdict = torch.stack([bad.float(), loss.reshape(()), norm.reshape(())])
+            if verdict.is_cuda:
+                if getattr(self, "_guard_buffer", None) is None:
+                    self._guard_buffer = torch.empty(3, pin_memory=True)
+                self._guard_buffer.copy_(verdict, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                verdict = self._guard_buffer
+            else:
+                event = None
+            self._pending_guard = (self.state.global_step + 1, verdict, event)
             return grad_norm
+
+        def settle_guard(self) -> None:
+            """Raise TrainingDiverged if the last update's loss or gradient norm was not finite (its step was skipped)."""
+            pending, self._pending_guard = getattr(self, "_pending_guard", None), None
+            if pending is None:
+                return
+            update, verdict, event = pending
+            if event is not None:
+                event.synchronize()
+            if verdict[0]:
+                raise TrainingDiverged(update, float(verdict[1]), float(verdict[2]))
 
         def loss_sum(self) -> float:
             """Sum of every update's loss so far, the updates before a resume included."""
@@ -464,6 +503,7 @@ def _trainer_class():
             # Write into a hidden staging dir, mark it complete, then rename: a checkpoint-N dir is always whole.
             from .distributed import barrier, is_main, world_size
 
+            self.settle_guard()  # never a checkpoint after a bad update
             final_root = Path(self.args.output_dir)
             tag = os.getpid() if world_size() == 1 else "ranks"  # every rank writes its part into the same dir
             staging_root = final_root / f".staging-{self.state.global_step}-{tag}"
@@ -856,7 +896,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     args = training_arguments(rank_config, work.checkpoints, plan)
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
-                               data_collator=make_collator(tokenizer), processing_class=tokenizer)
+                               data_collator=make_collator(tokenizer, model), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     ref = weakref.ref(trainer)
     evaluation = EvaluationCallback(tokenizer, config, work.eval_outputs)
@@ -877,6 +917,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
             warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
             if finished is None:
                 steps_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # / all steps
+                trainer.settle_guard()  # the last update's verdict
                 mean_loss = (trainer.loss_sum_before + steps_loss * trainer.state.global_step) / max(
                     1, trainer.state.global_step)
             else:  # Trainer would take one more step; the run is done, so take its last adapter as it is

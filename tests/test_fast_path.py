@@ -1,5 +1,6 @@
 """The fast path computes the same loss as the plain recipe: packing, attention boundaries, chunked CE."""
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_trainer_fast_path_fp32_adapters_fixed_shapes_same_loss():
     """helpers.train's Trainer on the fast path: fp32 adapters, rows padded to a fixed size, the same loss."""
     from peft import LoraConfig, get_peft_model
 
-    from helpers.train import Collator, pack_samples
+    from helpers.train import Collator, make_collator, pack_samples
 
     model = _tiny_llama()
     samples = _samples(10, seed=4)
@@ -153,6 +154,13 @@ def test_trainer_fast_path_fp32_adapters_fixed_shapes_same_loss():
     with torch.no_grad():
         second = float(fp.packed_trainer_loss(model, Collator(0)(rows[2:]), rest))
     assert (float(first) * n + second * rest) / (n + rest) == pytest.approx(plain, rel=1e-4)
+    # The Trainer's collator lays the rows out flat on the CPU (no GPU sync for the indices): the same loss, and
+    # the token count may stay a tensor (as the Trainer hands it over on a GPU).
+    flat = make_collator(SimpleNamespace(pad_token_id=0), model)(rows[2:])
+    assert flat["varlen"]["keep"].numel() == rest and flat["varlen"]["max_length_q"] == 64
+    with torch.no_grad():
+        again = fp.packed_trainer_loss(model, flat, torch.tensor(rest))
+    assert float(again) == pytest.approx(second, rel=1e-6)
 
 
 def test_trainer_rows_per_forward_keep_the_update():

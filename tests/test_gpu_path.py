@@ -65,8 +65,9 @@ def test_output_layer_adapter_trains_on_the_fast_path_as_on_the_plain_one(tiny_m
     assert model.get_base_model().config._attn_implementation != fp.ATTENTION_NAME  # back to generation mode
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])  # the guard waits / the step is skipped
 def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_saves_no_adapter(tiny_model_dir, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, optim):
     import helpers.train as train_module
 
     real, calls = train_module.compute_loss, []
@@ -79,8 +80,23 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_saves_no_a
     monkeypatch.setattr(train_module, "compute_loss", poisoned)
     w = make_work(tmp_path / "w")
     make_dataset(w.dataset, repeats=20)
+
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        finite_after: dict = {}
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            lora = [p for n, p in model.named_parameters() if "lora_" in n]
+            self.finite_after[state.global_step] = all(bool(torch.isfinite(p).all()) for p in lora)
+
+    watch = Watch()
+    watch.finite_after = {}
     with pytest.raises(TrainingDiverged, match=r"^training stopped at update 3: the loss became nan") as e:
-        train(_short(tiny_model_dir, max_steps=5), w)
+        train(_short(tiny_model_dir, max_steps=5, extra={"optim": optim}), w, callbacks=[watch])
+    # The plain optimizer stops before update 3's step; the fused one skips that step on the device (the weights
+    # stay finite) and the guard reads its verdict one update later, without waiting for the GPU.
+    assert watch.finite_after == ({1: True, 2: True} if optim == "adamw_torch" else {1: True, 2: True, 3: True})
     assert "checkpoint-2 is kept" in str(e.value) and "lr" in str(e.value) and "\n" not in str(e.value)
     assert [p.name for p in complete_checkpoints(w.checkpoints)] == ["checkpoint-2"]
     assert not w.adapter.exists()
