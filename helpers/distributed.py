@@ -236,22 +236,30 @@ def unwrap(model):
 def through_wrapper(model, fn):
     """fn(inner_model) run as the model's forward, so DDP / DeepSpeed / FSDP see a forward pass: DDP arms its
     gradient averaging there, FSDP gathers the root's shards. Called on the inner model instead, the ranks would
-    each keep their own gradients without a word. In one process fn runs as it is."""
+    each keep their own gradients without a word. In one process fn runs as it is.
+
+    FSDP2 under accelerate's bf16 mixed precision casts the root's output to bf16 (MixedPrecisionPolicy's
+    output_dtype): the loss keeps fn's float32 value, and its backward still runs through the wrapper's output."""
     if world_size() == 1:
         return fn(model)
     import torch
 
     inner = unwrap(model)
+    result = []
 
     def forward_once(*args, **kwargs):
         del inner.forward  # fn may call the model itself
-        return fn(inner)
+        result.append(fn(inner))
+        return result[0]
 
     inner.forward = forward_once
     try:  # one placeholder input: DDP and FSDP move their inputs to the GPU and fail on none at all
-        return model(torch.zeros(1))
+        out = model(torch.zeros(1))
     finally:
         inner.__dict__.pop("forward", None)
+    if isinstance(out, torch.Tensor) and out.dtype != result[0].dtype:  # value of fn's, gradient through out's
+        return result[0].detach() + (out - out.detach())
+    return out
 
 
 @contextlib.contextmanager

@@ -146,12 +146,13 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
 
 
 SHARDED_RANK = """
+import copy
 import os
 import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers.distributed import through_wrapper
@@ -167,27 +168,59 @@ ids = torch.arange(1, 25).remainder(90)[None] + 3
 batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
                               "labels": ids.clone()})
 alone = float(packed_loss(model, batch).detach())
+mixed = copy.deepcopy(model)
+alone16 = float(packed_loss(copy.deepcopy(model).to(torch.bfloat16), batch).detach())
 for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
     fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
 fully_shard(model)
 assert hasattr(model.lm_head.weight, "full_tensor")  # at rest the output layer's weight is this rank's shard
 sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
 sharded.backward()
-torch.save(torch.tensor([alone, float(sharded.detach())]), f"{sys.argv[1]}/loss{dist.get_rank()}.pt")
+
+# accelerate's FSDP2 with bf16 (Trainer bf16=True): its policy and units (the tail is the final norm with the head)
+bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.bfloat16)
+for unit in [*mixed.model.layers, mixed.model.embed_tokens]:
+    fully_shard(unit, mp_policy=bf16)
+fully_shard([mixed.model.norm, mixed.lm_head], mp_policy=bf16, reshard_after_forward=False)
+fully_shard(mixed, mp_policy=bf16)
+loss16 = through_wrapper(mixed, lambda inner: packed_loss(inner, batch))
+loss16.backward()
+grad = mixed.model.layers[0].self_attn.q_proj.weight.grad
+torch.save({"losses": torch.tensor([alone, float(sharded.detach()), alone16, float(loss16.detach())],
+                                   dtype=torch.float64),
+            "dtype16": str(loss16.dtype), "grad16": bool(grad is not None and grad.full_tensor().abs().sum() > 0)},
+           f"{sys.argv[1]}/loss{dist.get_rank()}.pt")
 dist.barrier()
 sys.stdout.flush()
 os._exit(0)  # both ranks' figures are saved; gloo's teardown after FSDP can abort the process on exit
 """
 
 
-def test_the_fused_loss_reads_a_sharded_output_layer(tmp_path):
-    """Two fresh CPU ranks (torchrun, gloo): a tiny Llama sharded with FSDP2 takes the kit's packed loss."""
-    script = tmp_path / "rank.py"
+@pytest.fixture(scope="module")
+def sharded_figures(tmp_path_factory):
+    """Two fresh CPU ranks (torchrun, gloo), run once for the tests below: each rank's figures."""
+    out = tmp_path_factory.mktemp("sharded")
+    script = out / "rank.py"
     script.write_text(SHARDED_RANK, encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+                           str(script), str(out)], env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for r in (0, 1):
-        alone, sharded = torch.load(tmp_path / f"loss{r}.pt").tolist()
+    return [torch.load(out / f"loss{r}.pt") for r in (0, 1)]
+
+
+def test_the_fused_loss_reads_a_sharded_output_layer(sharded_figures):
+    """A tiny Llama sharded with FSDP2 takes the kit's packed loss."""
+    for figures in sharded_figures:
+        alone, sharded = figures["losses"][:2].tolist()
         assert sharded == pytest.approx(alone, rel=1e-5)
+
+
+def test_fsdp_in_bf16_reports_the_float32_loss(sharded_figures):
+    """accelerate's FSDP2 bf16 policy casts the root's output to bf16 (output_dtype): the loss through the wrapper
+    is still float32, the bf16 model's own loss (not that loss rounded to bf16's 3 digits), and it trains."""
+    for figures in sharded_figures:
+        alone16, loss16 = figures["losses"][2:].tolist()
+        assert figures["dtype16"] == "torch.float32" and figures["grad16"]
+        assert loss16 == pytest.approx(alone16, abs=2e-3)
+        assert loss16 != float(torch.tensor(loss16).to(torch.bfloat16))  # the check can fail: not a bf16 value
