@@ -66,6 +66,9 @@ def check(config, gpus: int | None = None) -> None:
                                    f"{DEEPSPEED_INSTALL} (or use distributed='ddp').")
         if not gpus:
             raise DistributedError("distributed='zero2' needs CUDA GPUs and none is visible; use distributed='ddp'.")
+    if config.distributed == "fsdp" and not gpus:
+        raise DistributedError("distributed='fsdp' needs CUDA GPUs and none is visible (on CPU processes accelerate "
+                               "would quietly run DDP instead); use distributed='ddp'.")
     if config.distributed == "fsdp" and config.quantization == "nf4":
         raise DistributedError("distributed='fsdp' cannot shard 4-bit (nf4) weights in the kit; use "
                                "distributed='zero2' or 'ddp' with quantization='nf4', or quantization='none' with fsdp.")
@@ -246,9 +249,16 @@ def through_wrapper(model, fn):
 
     inner = unwrap(model)
     result = []
+    own = inner.__dict__.get("forward")  # accelerate's autocast wrapper, when it put one on the model
+
+    def restore():
+        if own is None:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = own
 
     def forward_once(*args, **kwargs):
-        del inner.forward  # fn may call the model itself
+        restore()  # fn may call the model itself
         result.append(fn(inner))
         return result[0]
 
@@ -256,7 +266,7 @@ def through_wrapper(model, fn):
     try:  # one placeholder input: DDP and FSDP move their inputs to the GPU and fail on none at all
         out = model(torch.zeros(1))
     finally:
-        inner.__dict__.pop("forward", None)
+        restore()
     if isinstance(out, torch.Tensor) and out.dtype != result[0].dtype:  # value of fn's, gradient through out's
         return result[0].detach() + (out - out.detach())
     return out

@@ -236,7 +236,7 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     max_diff = max(diffs)
     # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
     effect = _max_diff(exact, plain)
-    weights = check_merged_weights(final_model, base_model, adapter) if sixteen else None
+    weights = check_merged_weights(final_model, base_model, adapter, device) if sixteen else None
     noise = 0.0
     if sixteen and weights is None and tolerance is None:  # an adapter kind the weight check cannot read
         noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device=device),
@@ -280,7 +280,7 @@ def _tensors(folder: Path, stack) -> dict:
     return where
 
 
-def check_merged_weights(final_model, base_model, adapter) -> dict | None:
+def check_merged_weights(final_model, base_model, adapter, device: str = "cpu") -> dict | None:
     """Every weight of a 16-bit final_model against W + scale·B·A, computed in float32 from the base's and the
     adapter's own files and rounded once to the final dtype: the largest distance in units in the last place
     (ulps), where it is, and the share of the adapter's nonzero changes that rounding left out. None for adapters
@@ -305,27 +305,27 @@ def check_merged_weights(final_model, base_model, adapter) -> dict | None:
             full[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = v
     with contextlib.ExitStack() as stack:
         base, final = _tensors(Path(base_model), stack), _tensors(Path(final_model), stack)
-        return _compare_weights(base, final, lora, full, scale)
+        return _compare_weights(base, final, lora, full, scale, device)
 
 
-def _compare_weights(base: dict, final: dict, lora: dict, full: dict, scale: float) -> dict:
+def _compare_weights(base: dict, final: dict, lora: dict, full: dict, scale: float, device: str = "cpu") -> dict:
     import torch
 
     worst, worst_at, changes, lost = 0.0, "", 0, 0
     for key in sorted(final):
-        got = final[key].get_tensor(key)
+        got = final[key].get_tensor(key).to(device)
         if not got.is_floating_point():
             continue
         if key in full:
-            expected = full[key].float()
+            expected = full[key].to(device).float()
         else:
             source = key if key in base else ("model.embed_tokens.weight" if key == "lm_head.weight" else None)
             if source is None or source not in base:
                 return {"max_ulps": float("inf"), "worst": f"{key} (not in the base model)", "changes": 0,
                         "rounded_away": 0.0}
-            expected = base[source].get_tensor(source).float()
+            expected = base[source].get_tensor(source).to(device).float()
             if key in lora:
-                delta = (lora[key]["B"].float() @ lora[key]["A"].float()) * scale
+                delta = (lora[key]["B"].to(device).float() @ lora[key]["A"].to(device).float()) * scale
                 rounded_base = expected.to(got.dtype)
                 changed = delta != 0
                 changes += int(changed.sum())

@@ -108,11 +108,12 @@ sizes
 # identity question.
 
 # %%
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers.generation import generate_answers
 
-final = AutoModelForCausalLM.from_pretrained(work.final_model)
+final = AutoModelForCausalLM.from_pretrained(work.final_model).to("cuda" if torch.cuda.is_available() else "cpu")
 final_tokenizer = AutoTokenizer.from_pretrained(work.final_model)
 answers = generate_answers(final, final_tokenizer, ["你是谁", "请你介绍一下你自己"], system=system)
 answers

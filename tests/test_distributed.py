@@ -87,6 +87,8 @@ def test_bad_settings_get_one_sentence():
         TrainConfig(num_gpus=0).resolved()
     with pytest.raises(DistributedError, match="cannot shard 4-bit"):
         check(_homework(TrainConfig(preset="homework", num_gpus=2, quantization="nf4", distributed="fsdp")), gpus=2)
+    with pytest.raises(DistributedError, match="distributed='fsdp' needs CUDA GPUs"):  # not DDP under its name
+        check(_homework(TrainConfig(preset="homework", num_gpus=2, distributed="fsdp")), gpus=0)
     with pytest.raises(DistributedError, match="shows 2 GPU"):
         check(_homework(TrainConfig(preset="homework", num_gpus=4)), gpus=2)
     if not _has("deepspeed"):
@@ -125,8 +127,11 @@ def _ranks_average_through_the_wrapper(out_dir: str) -> None:
     torch.manual_seed(0)
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1, bias=False))
     x = torch.full((2, 4), float(state.process_index + 1))  # each rank its own rows
+    plain = ddp.module.forward
+    ddp.module.forward = own = lambda *a, **k: plain(*a, **k)  # stands for accelerate's autocast wrapper
     through_wrapper(ddp, lambda inner: inner(x).sum()).backward()
     torch.save(ddp.module.weight.grad, f"{out_dir}/grad{state.process_index}.pt")
+    torch.save(ddp.module.__dict__.get("forward") is own, f"{out_dir}/kept{state.process_index}.pt")
     ddp.module.weight.grad = None
     ddp.module(x).sum().backward()  # the inner module called directly: no averaging
     torch.save(ddp.module.weight.grad, f"{out_dir}/alone{state.process_index}.pt")
@@ -143,6 +148,7 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
     torch.testing.assert_close(grads[0], grads[1])  # averaged over the ranks: 2 rows of 1s and 2 rows of 2s
     torch.testing.assert_close(grads[0], torch.full((1, 4), 3.0))
     assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
+    assert all(torch.load(tmp_path / f"kept{r}.pt") for r in (0, 1))  # the model's own forward wrapper is back
 
 
 SHARDED_RANK = """
