@@ -2,6 +2,7 @@
 processes), with the time of every sample, so a benchmark can take the peak or the busy share of any window."""
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -16,6 +17,8 @@ class GpuSampler:
         self.interval, self.stop = interval, threading.Event()
         self.samples: list[tuple[float, str, int, int]] = []  # (time, GPU index, utilization %, memory MiB)
         self.ok = shutil.which("nvidia-smi") is not None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # only the GPUs this run may use (others may be busy)
+        self.gpus = {g.strip() for g in visible.split(",")} if visible and visible.replace(",", "").isdigit() else None
 
     def __enter__(self):
         if self.ok:
@@ -36,7 +39,8 @@ class GpuSampler:
             now = time.time()
             for line in out.strip().splitlines():
                 index, util, used = (x.strip() for x in line.split(","))
-                self.samples.append((now, index, int(util), int(used)))
+                if self.gpus is None or index in self.gpus:
+                    self.samples.append((now, index, int(util), int(used)))
             self.stop.wait(self.interval)
 
     def _window(self, since, until):
