@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         if own:
             peak += f" (training {own / 1024:.1f} GiB)"
         rows.append((nb.name, "ok" if code == 0 else "FAILED", f"{seconds:.1f}", peak, outcome(number, results)))
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)  # each row as it comes: a cut run keeps its rows
         if code != 0:
             status = 1
             break
