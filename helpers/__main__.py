@@ -13,7 +13,7 @@ COMMAND_MODULES = [
     "helpers.chat",
     "helpers.homework",
     "helpers.report",
-    "helpers.distributed",
+    "helpers.train",
 ]
 
 

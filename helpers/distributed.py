@@ -9,7 +9,6 @@ On a machine without a GPU, `num_gpus` = N starts N CPU processes that talk over
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -107,14 +106,6 @@ def _in_notebook() -> bool:
     return get_ipython() is not None
 
 
-def _rank_main(config_values: dict, work_root: str) -> None:
-    """One rank of a launch: train as that rank (train() joins the process group)."""
-    from .paths import work as make_work
-    from .train import TrainConfig, train
-
-    train(TrainConfig(**config_values), make_work(work_root))
-
-
 def join() -> None:
     """This rank joins the process group and takes its own GPU (before anything is loaded onto one)."""
     from accelerate import PartialState
@@ -124,9 +115,9 @@ def join() -> None:
     PartialState(cpu=not gpu_count())
 
 
-def launch(config, work, how: str | None = None) -> dict:
-    """Train on config.num_gpus processes (`how`: "notebook" = notebook_launcher, "script" = accelerate launch;
-    None picks by where we are) and return train()'s summary, read back from what the main rank wrote."""
+def launch(config, work, rank_main, how: str | None = None) -> None:
+    """Train on config.num_gpus processes, each running rank_main(config values, work root) (`how`: "notebook" =
+    notebook_launcher, "script" = accelerate launch of `python -m helpers train`; None picks by where we are)."""
     check(config)
     if os.environ.get("KIT_LAUNCHED"):
         raise DistributedError("the launcher started these training processes without a process group (no WORLD_SIZE);"
@@ -144,7 +135,7 @@ def launch(config, work, how: str | None = None) -> dict:
         AcceleratorState._reset_state(reset_partial_state=True)  # left by an earlier one-process training here
         os.environ["KIT_LAUNCHED"] = "1"  # the forked ranks inherit it
         try:
-            notebook_launcher(_rank_main, (values, str(work.root)), num_processes=config.num_gpus, use_port=str(port))
+            notebook_launcher(rank_main, (values, str(work.root)), num_processes=config.num_gpus, use_port=str(port))
         except RuntimeError as e:
             if "initialized before" in str(e):
                 raise DistributedError("CUDA was already started in this kernel, so it cannot start one process per "
@@ -161,7 +152,6 @@ def launch(config, work, how: str | None = None) -> dict:
         if done.returncode:
             raise DistributedError(f"the {config.num_gpus} training processes failed (exit code {done.returncode}); "
                                    "the lines above name the error of the first one that failed.")
-    return launched_summary(work)
 
 
 def _share(config) -> str:
@@ -173,22 +163,6 @@ def _python_path() -> str:
     root = str(Path(__file__).resolve().parent.parent)
     rest = os.environ.get("PYTHONPATH", "")
     return root + (os.pathsep + rest if rest else "")
-
-
-def launched_summary(work) -> dict:
-    """train()'s summary after the ranks finished: the record beside the adapter, the rounds, the adapter loaded."""
-    import torch
-
-    from .train import evaluation_rounds, load_adapter_model
-
-    record = json.loads((work.adapter / "training_record.json").read_text(encoding="utf-8"))
-    evals = evaluation_rounds(work)
-    model, _ = load_adapter_model(work)
-    if gpu_count():
-        model = model.to("cuda", torch.bfloat16)
-    return record | {"adapter": str(work.adapter), "answers_before": evals[0]["answers"] if evals else [],
-                     "answers_after": evals[-1]["answers"] if evals else [],
-                     "evaluation_inputs": record["hyper_parameters"].get("evaluation_inputs"), "model": model.eval()}
 
 
 # ---------------------------------------------------------------- inside a rank
@@ -301,48 +275,3 @@ def main_first(fn):
     box = [fn() if is_main() else None]
     broadcast_object_list(box, from_process=0)
     return box[0]
-
-
-# ---------------------------------------------------------------- command line
-def add_command(sub) -> None:
-    p = sub.add_parser("train", help="train the adapter (notebook 02's training) headless, on one GPU or several")
-    p.add_argument("--work-dir", default=None, help="work directory (default: ./work)")
-    p.add_argument("--num-gpus", type=int, default=None, help="processes, one per GPU (default 1)")
-    p.add_argument("--distributed", default=None, choices=STRATEGIES, help="ddp (default), zero2 or fsdp")
-    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="a TrainConfig field, e.g. -p preset homework -p lr 2e-4 (repeatable)")
-    p.add_argument("--config-json", default=None, help=argparse.SUPPRESS)  # how a launch hands each rank its config
-    p.set_defaults(func=_train_command)
-
-
-def _train_command(args) -> int:
-    import yaml
-
-    from .data import DataError
-    from .paths import work as make_work
-    from .train import TrainConfig, TrainConfigError, train
-
-    values = json.loads(args.config_json) if args.config_json else {}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name, value in args.param:
-        if name not in fields:
-            print(f"error: -p {name}: TrainConfig has no such field; use one of {', '.join(sorted(fields))}.",
-                  file=sys.stderr)
-            return 2
-        values[name] = value if name in ("system", "base_model", "data_path") else yaml.safe_load(value)
-    if args.num_gpus is not None:
-        values["num_gpus"] = args.num_gpus
-    if args.distributed is not None:
-        values["distributed"] = args.distributed
-    work = make_work(args.work_dir)
-    try:
-        if world_size() > 1:  # started by accelerate launch: this process is one rank
-            _rank_main(values, str(work.root))
-            return 0
-        result = train(TrainConfig(**values), work)
-    except (TrainConfigError, DistributedError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{result['steps']} updates in {result['train_seconds']:.0f} s, loss {result['first_loss']} -> "
-          f"{result['final_loss']}; adapter: {result['adapter']}")
-    return 0

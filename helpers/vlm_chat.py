@@ -8,6 +8,7 @@ import sys
 
 from .base_model import ModelPathError
 from .template import TemplateError, stop_token_ids
+from .terminal import run_cli as chat_loop  # the one terminal loop, shared with the text chat
 from .vlm import VlmError, image_prompt, load_vlm, open_image
 from .vlm_data import IMAGE_TOKEN
 
@@ -90,6 +91,4 @@ def run_cli(model_dir, image, system: str = "", stdin=None, stdout=None, max_new
     except (VlmError, ModelPathError, TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .chat import run_cli as chat_loop  # the one terminal loop, shared with the text chat
-
     return chat_loop(chat, stdin, stdout, about=" about the picture")

@@ -1,0 +1,36 @@
+"""The terminal chat's loop, one for the text chat and the picture chat: read a line, stream the answer."""
+from __future__ import annotations
+
+import sys
+
+RESET, EXIT = "RESET", "EXIT"  # the terminal chat's commands, as in the course's chat tool
+
+
+def run_cli(session, stdin=None, stdout=None, about: str = "") -> int:
+    """Read a line, stream the answer; RESET starts over, EXIT (or end of input) quits.
+
+    `session` is anything with `send(text)` yielding the reply's pieces, `history` and `reset()`
+    (a ChatSession, or the picture chat's VlmChat)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    print(f"Chat{about} started. Type {RESET} to clear the history, {EXIT} to quit.", file=stdout, flush=True)
+    while True:
+        print("\n用户 >>> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == EXIT:
+            print("\nbye", file=stdout, flush=True)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == RESET:
+            turns = len(session.history) // 2
+            session.reset()
+            print(f"(history cleared: {turns} turns forgotten)", file=stdout, flush=True)
+            continue
+        print("助手 >>> ", end="", file=stdout, flush=True)
+        for piece in session.send(text):
+            print(piece, end="", file=stdout, flush=True)
+        print(file=stdout, flush=True)
+        if getattr(session, "dropped", 0):
+            print(f"(the {session.dropped} oldest turns no longer fit the model's context and were left out; "
+                  f"{RESET} starts over)", file=stdout, flush=True)
