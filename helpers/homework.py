@@ -240,7 +240,7 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
         return Check("merge", "FAIL", _not_run("03_merge", work, f"the model in {work.final_model}"))
     try:
         from .base_model import base_model_path
-        from .merge import MAX_ULPS, TOLERANCE, verify_merge
+        from .merge import MAX_ULPS, verify_merge
 
         verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # its own tolerance
     except Exception as e:
@@ -253,7 +253,7 @@ def check_merge(work: Work, recompute: bool = True) -> Check:
                                           f"{weights['worst']} is {weights['max_ulps']:.3g} units in the last place off")
         return Check("merge", "FAIL", f"final_model differs from base + adapter: max |logit diff| {diff:.2e} > "
                                       f"{tolerance:.3g} (the checker's tolerance for {dtype})")
-    floor = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2)
+    floor = verified["logit_scale"]
     if not effect >= ADAPTER_MATTERS * floor:
         return Check("merge", "FAIL", f"the adapter barely changes the base (its logits move by {effect:.2e}, under "
                                       f"{ADAPTER_MATTERS} x {floor:g}): train it (notebook 02) before merging")

@@ -247,6 +247,7 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     passed = (weights is None or weights["max_ulps"] <= MAX_ULPS) and (tolerance is None or max_diff <= tolerance)
     return {"prompts": prompts, "device": device, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
             "tolerance": tolerance, "dtype": dtype, "weights": weights, "rounding_noise": noise,
+            "logit_scale": tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2),  # what counts as a change
             "adapter_effect_max_abs": effect, "passed": bool(passed)}
 
 
