@@ -182,3 +182,13 @@ def test_the_benchmarks_kit_recipe_is_notebook_02s_train(monkeypatch, tmp_path):
     (config,) = seen
     assert isinstance(config, TrainConfig) and config.quantization == "nf4"
     assert (config.batch_size, config.gradient_accumulation, config.max_length, config.max_steps) == (4, 1, 2048, 5)
+
+
+def test_the_plans_estimate_meets_the_measured_peak():
+    """H200, 1.8B dims, the homework's 16 rows of 1024 in one forward, eager bf16 layers: 61.6 GiB measured."""
+    from transformers import LlamaConfig
+
+    config = TrainConfig(preset="homework", quantization="auto").resolved()
+    plan = fp.trainer_plan(config, "auto", LlamaConfig(**REAL), memory_gib=139.8, cuda=True, bf16=True)
+    assert plan.extras["batch_size"] == 16
+    assert plan.extras["estimate_gib"] == pytest.approx(61.6, rel=0.05)
