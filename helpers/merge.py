@@ -156,6 +156,7 @@ class MergeResult:
     base_size_bytes: int = 0
     adapter_size_bytes: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    merged_on: str = "cpu"  # where W + B·A was formed
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -166,8 +167,9 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
     """Merge `adapter` into `base_model` and save the full model to `final_model`.
 
     The base is loaded in its 16/32-bit dtype (never 4-bit: merging into quantised weights would
-    round W + B·A to the 4-bit grid and lose most of what was learned). The model is written to a
-    temporary folder beside `final_model` and renamed into place, so a failed merge leaves nothing behind.
+    round W + B·A to the 4-bit grid and lose most of what was learned), on the GPU when it fits there
+    (`merge_device`). The model is written to a temporary folder beside `final_model` and renamed into place,
+    so a failed merge leaves nothing behind.
     """
     base_model, final_model = check_model_dir(base_model, need_tokenizer=False), Path(final_model)
     adapter = check_adapter_dir(adapter)
@@ -176,20 +178,41 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
                          "or choose another final_model directory.")
     tokenizer = load_tokenizer(base_model, adapter)
     generation_config = generation_config_with_stops(base_model, tokenizer)
-    model = load_model(base_model, adapter, dtype=dtype, device="cpu")
+    device = merge_device(base_model, adapter)
+    model = load_model(base_model, adapter, dtype=dtype, device=device)
     untie_output_layer(model)
-    merged = model.merge_and_unload()
+    with _float32_products():
+        merged = model.merge_and_unload()
     merged.generation_config = generation_config
     with staged_dir(final_model) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         check_model_dir(tmp)
+    merged_dtype = str(merged.dtype).replace("torch.", "")
+    del model, merged
+    if device == "cuda":  # the GPU's memory back for the check that follows
+        import torch
+
+        torch.cuda.empty_cache()
     return MergeResult(
         final_model=final_model, base_model=str(base_model), adapter=str(adapter),
-        dtype=str(merged.dtype).replace("torch.", ""), max_shard_size=str(max_shard_size),
+        dtype=merged_dtype, max_shard_size=str(max_shard_size), merged_on=device,
         files=sorted(p.name for p in final_model.iterdir()), size_bytes=dir_size(final_model),
         base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
         stop_token_ids=list(generation_config.eos_token_id))
+
+
+@contextlib.contextmanager
+def _float32_products():
+    """Matrix products in full float32 for a moment (no TF32 on a GPU): B·A must not lose bits before rounding."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _prompt_ids(tokenizer, prompts: list[str]):
@@ -251,22 +274,39 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
             "adapter_effect_max_abs": effect, "passed": bool(passed)}
 
 
-def verify_device(base_model) -> str:
-    """Where the check's forward passes run: the GPU when the base model in float32 fits in this process's share
-    of its free memory (seconds instead of minutes at 1.8 B parameters), else the CPU."""
+def _stored(model_dir) -> tuple[int, str]:
+    """Bytes of a model folder's safetensors and the dtype they hold."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")), dtype
+
+
+def _gpu_or_cpu(need: float) -> str:
+    """"cuda" when `need` bytes fit this process's share of the GPU's free memory, else "cpu"."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
     from .train import GPU_SHARE_ENV
 
-    stored = sum(f.stat().st_size for f in Path(base_model).glob("*.safetensors"))
-    config = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    need = stored * (2 if dtype in ("bfloat16", "float16") else 1) * 1.25 + 2 * 2**30  # float32 copy + activations
     free, total = torch.cuda.mem_get_info()
     share = float(os.environ.get(GPU_SHARE_ENV) or 1)
     return "cuda" if min(free, share * total) >= need else "cpu"
+
+
+def verify_device(base_model) -> str:
+    """Where the check's forward passes run: the GPU when the base model in float32 fits in this process's share
+    of its free memory (seconds instead of minutes at 1.8 B parameters), else the CPU."""
+    stored, dtype = _stored(base_model)
+    return _gpu_or_cpu(stored * (2 if dtype in ("bfloat16", "float16") else 1) * 1.25 + 2 * 2**30)
+
+
+def merge_device(base_model, adapter) -> str:
+    """Where the merge runs: the GPU when the base in its own dtype and the adapter fit, else the CPU. Either way
+    W + B·A is formed in float32 and rounded once (float32 products: TF32 is switched off for the merge)."""
+    stored, _ = _stored(base_model)
+    adapter_bytes = sum(f.stat().st_size for f in Path(adapter).glob("adapter_model*"))
+    return _gpu_or_cpu(stored * 1.25 + 2 * adapter_bytes + 2**30)
 
 
 def _tensors(folder: Path, stack) -> dict:
@@ -304,7 +344,7 @@ def check_merged_weights(final_model, base_model, adapter, device: str = "cpu") 
             return None
         else:
             full[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = v
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, _float32_products():
         base, final = _tensors(Path(base_model), stack), _tensors(Path(final_model), stack)
         return _compare_weights(base, final, lora, full, scale, device)
 

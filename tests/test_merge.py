@@ -207,17 +207,19 @@ def test_a_16_bit_merge_is_judged_on_its_weights(tiny_model_dir, tmp_path):
     assert not lost["passed"] and lost["weights"]["max_ulps"] > 1000 and lost["weights"]["rounded_away"] == 1.0
 
 
-def test_the_check_runs_on_the_gpu_only_where_the_float32_base_fits(tiny_model_dir, monkeypatch):
-    from helpers.merge import verify_device
+def test_the_merge_and_its_check_run_on_the_gpu_only_where_they_fit(tiny_model_dir, adapter_dir, monkeypatch):
+    from helpers.merge import merge_device, verify_device
     from helpers.train import GPU_SHARE_ENV
 
     assert verify_device(tiny_model_dir) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert merge_device(tiny_model_dir, adapter_dir) == ("cuda" if torch.cuda.is_available() else "cpu")
     stored = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
     need = stored * 1.25 + 2 * 2**30  # the tiny model is stored in float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (need + 1, 4 * need))
     assert verify_device(tiny_model_dir) == "cuda"
+    assert merge_device(tiny_model_dir, adapter_dir) == "cuda"  # the merge needs less: the base in its own dtype
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (need - 1, 4 * need))
     assert verify_device(tiny_model_dir) == "cpu"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * need, 4 * need))
