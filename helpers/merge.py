@@ -178,7 +178,19 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
                          "or choose another final_model directory.")
     tokenizer = load_tokenizer(base_model, adapter)
     generation_config = generation_config_with_stops(base_model, tokenizer)
-    device = merge_device(base_model, adapter)
+    merged_dtype, device = _on_gpu_else_cpu(merge_device(base_model, adapter), _merge_on, base_model, adapter,
+                                            final_model, tokenizer, generation_config, max_shard_size, dtype)
+    return MergeResult(
+        final_model=final_model, base_model=str(base_model), adapter=str(adapter),
+        dtype=merged_dtype, max_shard_size=str(max_shard_size), merged_on=device,
+        files=sorted(p.name for p in final_model.iterdir()), size_bytes=dir_size(final_model),
+        base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
+        stop_token_ids=list(generation_config.eos_token_id))
+
+
+def _merge_on(base_model, adapter, final_model, tokenizer, generation_config, max_shard_size, dtype,
+              device: str) -> tuple[str, str]:
+    """Load, merge and save on `device`; returns the merged dtype and the device."""
     model = load_model(base_model, adapter, dtype=dtype, device=device)
     untie_output_layer(model)
     with _float32_products():
@@ -194,12 +206,7 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
         import torch
 
         torch.cuda.empty_cache()
-    return MergeResult(
-        final_model=final_model, base_model=str(base_model), adapter=str(adapter),
-        dtype=merged_dtype, max_shard_size=str(max_shard_size), merged_on=device,
-        files=sorted(p.name for p in final_model.iterdir()), size_bytes=dir_size(final_model),
-        base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
-        stop_token_ids=list(generation_config.eos_token_id))
+    return merged_dtype, device
 
 
 @contextlib.contextmanager
@@ -236,13 +243,33 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     float32: passes when the logits agree within `tolerance` (TOLERANCE by default). 16-bit: passes when every
     weight is within MAX_ULPS of W + B·A rounded to that dtype (and the logits within `tolerance` if one is
     given); the logits' distance is then reported, with the share of the adapter's changes too small to survive
-    the rounding. A merge that dropped or mis-scaled the adapter fails either way."""
+    the rounding. A merge that dropped or mis-scaled the adapter fails either way. Runs on the GPU where it fits
+    (`verify_device`), and again on the CPU if the GPU runs out of memory all the same (a card shared by others)."""
+    return _on_gpu_else_cpu(verify_device(base_model), _verify_on, final_model, base_model, adapter,
+                            list(prompts or VERIFY_PROMPTS), tolerance)
+
+
+def _on_gpu_else_cpu(device: str, fn, *args):
+    """fn(*args, device); if the GPU runs out of memory, its memory freed and fn again on the CPU."""
+    import gc
+
     import torch
 
-    prompts = list(prompts or VERIFY_PROMPTS)
+    try:
+        return fn(*args, device)
+    except torch.cuda.OutOfMemoryError:
+        if device == "cpu":
+            raise
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fn(*args, "cpu")
+
+
+def _verify_on(final_model, base_model, adapter, prompts: list[str], tolerance, device: str) -> dict:
+    import torch
+
     tokenizer = load_tokenizer(final_model)
     batches = _prompt_ids(tokenizer, prompts)
-    device = verify_device(base_model)
     merged = load_model(final_model, device=device)
     got = _logits(merged, batches)
     dtype = str(merged.dtype).replace("torch.", "")

@@ -225,3 +225,25 @@ def test_the_merge_and_its_check_run_on_the_gpu_only_where_they_fit(tiny_model_d
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * need, 4 * need))
     monkeypatch.setenv(GPU_SHARE_ENV, "0.2")  # a student sharing the card keeps to its share
     assert verify_device(tiny_model_dir) == "cpu"
+
+
+def test_a_gpu_that_runs_out_of_memory_leaves_the_merge_and_its_check_to_the_cpu(tiny_model_dir, adapter_dir,
+                                                                                   tmp_path, monkeypatch):
+    import helpers.merge as m
+
+    real, tried = m.load_model, []
+
+    def load_model(*args, device=None, **kwargs):
+        tried.append(device)
+        if device == "cuda":  # a card another student filled after the free memory was read
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(m, "load_model", load_model)
+    monkeypatch.setattr(m, "merge_device", lambda *a: "cuda")
+    monkeypatch.setattr(m, "verify_device", lambda *a: "cuda")
+    result = m.merge(tiny_model_dir, adapter_dir, tmp_path / "final")
+    assert result.merged_on == "cpu" and tried == ["cuda", "cpu"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the failed try left nothing behind
+    check = m.verify_merge(tmp_path / "final", tiny_model_dir, adapter_dir)
+    assert check["passed"] and check["device"] == "cpu" and tried[2:4] == ["cuda", "cpu"]
