@@ -108,6 +108,14 @@ def main(argv=None) -> int:
             for c in json.loads(verdicts_file.read_text(encoding="utf-8")):
                 check_counts[c["name"]] = check_counts.get(c["name"], 0) + (c["status"] == "PASS")
     busy = sampler.busy_share()
+    # Each notebook's time per passing student (papermill records it in the executed notebook): where the class waits.
+    durations: dict[str, list[float]] = {}
+    for r in passed:
+        for nb in sorted((Path(r.get("work_dir") or class_dir / r["student_id"]) / "executed").glob("*.ipynb")):
+            meta = json.loads(nb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+            if meta.get("duration") is not None:
+                durations.setdefault(nb.name[:2], []).append(float(meta["duration"]))
+    per_notebook = {k: round(statistics.median(v), 1) for k, v in sorted(durations.items())}
     result = {
         "students": args.students, "workers": args.workers, "dims": "tiny" if args.tiny else "internlm2-chat-1.8b",
         "preset": preset, "notebooks": only, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "all visible"),
@@ -115,6 +123,7 @@ def main(argv=None) -> int:
         "passed": len(passed), "failed": len(summary) - len(passed),
         "per_student_s": {"min": min(seconds, default=0), "median": statistics.median(seconds) if seconds else 0,
                           "max": max(seconds, default=0)},
+        "per_notebook_median_s": per_notebook,
         "broken_student_fails_with_its_sentence": broken_ok,
         "broken_reason": broken_rows[0]["reason"] if broken_rows else "",
         "retries": {r["student_id"]: int(r["attempts"]) for r in summary if int(r["attempts"]) > 1},
@@ -129,6 +138,7 @@ def main(argv=None) -> int:
         f"| base model built once | {build_s:.0f} s |",
         f"| class wall time | {run_s:.0f} s ({run_s / 60:.1f} min) |",
         f"| per passing student | min {result['per_student_s']['min']:.0f} s, median {result['per_student_s']['median']:.0f} s, max {result['per_student_s']['max']:.0f} s |",
+        f"| per notebook (median of passing students) | {', '.join(f'{k} {v:.0f} s' for k, v in per_notebook.items()) or '–'} |",
         f"| GPU busy share (nvidia-smi, 1 s) | {result['gpu_busy_share_mean'] if busy else 'no GPU'} {json.dumps(result['gpu_busy_share']) if busy else ''} |",
         f"| GPU memory in use, peak of one GPU | {str(result['gpu_peak_memory_gib']) + ' GiB' if busy else 'no GPU'} |",
         f"| summary | {len(passed)} passed, {len(summary) - len(passed)} failed; broken student fails with its sentence: {broken_ok} |",
