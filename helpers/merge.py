@@ -292,13 +292,13 @@ def _verify_on(final_model, base_model, adapter, prompts: list[str], tolerance, 
         noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device=device),
                                   batches), exact)
         tolerance = max(TOLERANCE[dtype], NOISE_MARGIN * noise)
-    if not sixteen and tolerance is None:
-        tolerance = TOLERANCE.get(dtype, 1e-2)
+    scale = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2)  # what counts as a change in logits
+    if not sixteen:
+        tolerance = scale
     passed = (weights is None or weights["max_ulps"] <= MAX_ULPS) and (tolerance is None or max_diff <= tolerance)
     return {"prompts": prompts, "device": device, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
             "tolerance": tolerance, "dtype": dtype, "weights": weights, "rounding_noise": noise,
-            "logit_scale": tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2),  # what counts as a change
-            "adapter_effect_max_abs": effect, "passed": bool(passed)}
+            "logit_scale": scale, "adapter_effect_max_abs": effect, "passed": bool(passed)}
 
 
 def _stored(model_dir) -> tuple[int, str]:
@@ -314,11 +314,10 @@ def _gpu_or_cpu(need: float) -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    from .train import GPU_SHARE_ENV
+    from .train import gpu_share
 
     free, total = torch.cuda.mem_get_info()
-    share = float(os.environ.get(GPU_SHARE_ENV) or 1)
-    return "cuda" if min(free, share * total) >= need else "cpu"
+    return "cuda" if min(free, (gpu_share() or 1.0) * total) >= need else "cpu"
 
 
 def verify_device(base_model) -> str:

@@ -832,17 +832,30 @@ def training_arguments(config: TrainConfig, output_dir: Path, plan=None):
 GPU_SHARE_ENV = "KIT_GPU_MEMORY_FRACTION"  # set by a class run that puts several students on one GPU
 
 
+def gpu_share() -> float | None:
+    """This process's share of its GPU's memory when a class run puts several students on one card, else None."""
+    value = os.environ.get(GPU_SHARE_ENV)
+    if not value:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{GPU_SHARE_ENV} is {value}; use a share of the GPU's memory between 0 and 1 (e.g. 0.5).")
+    return fraction
+
+
 def share_gpu() -> float | None:
     """When several students share one GPU (a class run with more workers than GPUs), this process keeps to its
     share of the card's memory, so the training plan sizes itself to the share and no student runs out."""
     import torch
 
-    value = os.environ.get(GPU_SHARE_ENV)
-    if not value or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return None
-    fraction = float(value)
-    if not 0 < fraction <= 1:
-        raise ValueError(f"{GPU_SHARE_ENV} is {value}; use a share of the GPU's memory between 0 and 1 (e.g. 0.5).")
+    fraction = gpu_share()
+    if fraction is None:
+        return None
     torch.cuda.set_per_process_memory_fraction(fraction)
     return fraction
 
