@@ -31,7 +31,7 @@ vision_encoder = "tiny"        # "tiny" (a small CLIP tower built here) or a loc
 image = None                   # the picture (None: the one the kit draws, data/vlm_picture.png)
 conversations_file = None      # scripted conversations, LLaVA format (None: data/vlm_conversations.json)
 captions_file = None           # stage-1 caption pairs, LLaVA format (None: data/vlm_captions.json)
-repeats = None                 # each conversation repeated this many times (None: the preset's; tiny 20, homework 200 as the course)
+vlm_repeats = None             # each conversation repeated this many times (None: the preset's; tiny 20, homework 200 as the course)
 stages = [1, 2]                # which stages to run; [2] reuses an earlier stage 1 in this work_dir
 preset = "tiny"                # "tiny" (CPU defaults) or "homework" (the course's GPU settings)
 stage1_steps = None            # projector updates (None: the preset's; -1: one epoch)
@@ -56,7 +56,7 @@ quiet_libraries()
 work = helpers.work(work_dir)
 picture = image or PICTURE_FILE
 built = prepare_vlm(work, llm, vision_encoder)
-repeats = repeats or vt.DATA_REPEATS[preset]
+vlm_repeats = vlm_repeats or vt.DATA_REPEATS[preset]
 pd.Series(built, name="parts").to_frame()
 
 # %% [markdown]
@@ -73,7 +73,7 @@ display(Image(filename=str(picture), width=200), Image(filename=str(control), wi
 # %% [markdown]
 # ## The data, in LLaVA format
 # Each record names the picture and holds a conversation; `<image>` stands in the first human turn only.
-# Stage 1 reads caption pairs, stage 2 the scripted conversations, each repeated `repeats` times: 20 on the
+# Stage 1 reads caption pairs, stage 2 the scripted conversations, each repeated `vlm_repeats` times: 20 on the
 # tiny preset, 200 on `homework` (the course's size: its 6 conversations have 10 turns each, ours 3; give
 # yours with `conversations_file`).
 # Bad records are reported with one sentence (also: `python -m helpers validate-data --llava FILE`).
@@ -81,7 +81,7 @@ display(Image(filename=str(picture), width=200), Image(filename=str(control), wi
 # %%
 # NBVAL_CHECK_OUTPUT
 files = make_llava_data(work.vlm_data, picture, conversations_file or CONVERSATIONS_FILE,
-                        captions_file or CAPTIONS_FILE, repeats=repeats)
+                        captions_file or CAPTIONS_FILE, repeats=vlm_repeats)
 qa = scripted_qa(conversations_file or CONVERSATIONS_FILE)
 questions, expected = list(qa), list(qa.values())
 summary = {name: validate_llava_data(files[name]) for name in ("captions", "conversations")}

@@ -44,3 +44,21 @@ def test_the_out_of_sync_check_notices_an_edit(tmp_path, monkeypatch):
     py = tmp_path / "01_data_generation.py"
     py.write_text(py.read_text(encoding="utf-8").replace("repeats = 2000", "repeats = 20"), encoding="utf-8")
     assert nbs.out_of_sync() == ["01_data_generation.ipynb"]
+
+
+def test_a_course_wide_parameter_means_one_thing():
+    """`-p NAME VALUE` reaches every notebook that declares NAME: a name two notebooks declare must mean the same
+    in both. (`-p repeats 10000`, the homework's 10,000 identity records in 01, once also made 05 repeat each
+    picture conversation 10,000 times: a six-hour stage 2 on an H200.)"""
+    import papermill as pm
+
+    from helpers.notebooks import course_notebooks
+
+    declared: dict[str, list[str]] = {}
+    for nb in course_notebooks(None):
+        for name in pm.inspect_notebook(str(nb)):
+            declared.setdefault(name, []).append(nb.name[:2])
+    same_meaning = {"work_dir", "base_model", "seed", "preset", "quantization", "system", "evaluation_inputs"}
+    shared = {name for name, books in declared.items() if len(books) > 1}
+    assert shared <= same_meaning, f"declared by several notebooks with different meanings: {shared - same_meaning}"
+    assert declared["repeats"] == ["01"] and declared["vlm_repeats"] == ["05"]
