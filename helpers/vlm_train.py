@@ -15,7 +15,7 @@ from pathlib import Path
 from .data import IGNORE_INDEX, atomic_write_text, encode_messages
 from .paths import Work
 from .train import (TrainConfig, TrainConfigError, _callbacks, _trainer_class, peak_memory_mb,
-                    resolve_quantization, training_arguments)
+                    resolve_quantization, share_gpu, training_arguments)
 from .vlm import answer_about_image, load_vlm, open_image, save_vlm
 from .vlm_data import IMAGE_TOKEN, load_llava_data
 
@@ -161,6 +161,63 @@ def trainable_summary(model) -> dict:
     return parts | {"trainable": sum(parts.values()), "total": total}
 
 
+# ---------------------------------------------------------------- rows per forward
+def activation_bytes(model_config, tokens: int, pictures: int, checkpointing: bool) -> float:
+    """Bytes one forward and backward of a LLaVA model holds beyond its weights: the LLM's activations per token as
+    fast_path.footprint counts them, plus the full logits the model's own loss keeps (bf16 logits, their float32
+    copy, log-probabilities and gradients: 16 bytes a vocabulary entry), plus each picture's vision tower.
+    It leans high: for the H200 run of benchmarks/gpu_vlm_real_dims.py (a 1.8B LLM in NF4 and CLIP ViT-L/14-336,
+    one row of 1,600 tokens, recomputation) it gives 2.6 GiB, plus 1.5 GiB for the 104 M trainable weights' states
+    in rows_per_forward, where 2.9 GiB above the loaded model was measured."""
+    from .fast_path import footprint
+
+    text = getattr(model_config, "text_config", model_config)
+    need = footprint(text, "bf16", 0, 0)
+    per_token = need["recomputed_per_token" if checkpointing else "stored_per_token"] + 16.0 * text.vocab_size
+    v = getattr(model_config, "vision_config", None)
+    per_picture = 0.0
+    if v is not None and all(hasattr(v, a) for a in ("image_size", "patch_size", "hidden_size", "intermediate_size")):
+        patches = (v.image_size // v.patch_size) ** 2 + 1
+        layer = (14 * v.hidden_size + 4 * v.intermediate_size) * 2 * patches  # what one layer keeps for its backward
+        stored = v.num_hidden_layers * v.hidden_size * 2 * patches + layer  # recomputed: each layer's input, one layer
+        per_picture = stored if checkpointing else v.num_hidden_layers * layer
+    return per_token * tokens + per_picture * pictures
+
+
+def rows_per_forward(model_config, longest: int, memory_gib: float, loaded_gib: float, trainable: int,
+                     batch_size: int, rows_per_update: int, checkpointing: bool) -> tuple[int, int]:
+    """(rows per forward, forwards per update) for a stage: as many of the update's rows as fit the GPU beside the
+    loaded model (and the trainable weights' gradients and AdamW states), each row padded to the longest record,
+    peak kept to ~85% of the memory as the LLM's plan does. The update keeps its rows and its token-averaged loss;
+    one forward of 16 short rows instead of 16 forwards of one is what keeps a GPU busy at these lengths."""
+    from .fast_path import GIB, trainer_batches
+
+    free = 0.85 * memory_gib * GIB - loaded_gib * GIB - 16.0 * trainable - 0.5 * GIB
+    rows_fit = int(max(0.0, free) // activation_bytes(model_config, longest, 1, checkpointing))
+    return trainer_batches(rows_fit * longest, longest, batch_size, rows_per_update)
+
+
+def size_stage_batches(model, rows: list[dict], config: TrainConfig) -> str:
+    """On a GPU, set config's rows per forward (batch_size) and forwards per update (gradient_accumulation) to what
+    fits (rows_per_forward); returns a note for the stage's first line ("" where nothing changes: the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    from .fast_path import GIB, gpu_memory_gib
+
+    per_update = config.batch_size * config.gradient_accumulation
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    memory = gpu_memory_gib()
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    longest = max(len(r["input_ids"]) for r in rows)
+    config.batch_size, config.gradient_accumulation = rows_per_forward(
+        model.config, longest, memory, torch.cuda.memory_allocated() / GIB, trainable, config.batch_size,
+        per_update, checkpointing)
+    return (f"{config.batch_size} rows of at most {longest} tokens per forward x {config.gradient_accumulation} "
+            f"(the same {per_update} rows per update), sized to {memory:.0f} GiB of GPU memory")
+
+
 # ---------------------------------------------------------------- training
 class _StagePaths:
     """The files of one stage under WORK/vlm/train/stage<N>."""
@@ -198,9 +255,11 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
     if paths.root.exists():  # each run of a stage starts over (the stages are minutes on a GPU)
         shutil.rmtree(paths.root)
     paths.eval_outputs.mkdir(parents=True)
+    share_gpu()  # a class run's share of the card, when several students train on it
     model, processor, quantization, note = load_stage_model(model_dir, stage, config, vision_lora, fully_trained)
-    print(f"stage {stage}: {note}")
     rows = encode_llava_samples(processor, data_file, config.max_length)
+    sized = size_stage_batches(model, rows, config)
+    print(f"stage {stage}: {note}" + (f"; {sized}" if sized else ""))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     extra = {"save_strategy": "no"} if stage == 1 else {}  # stage 1's result is the aligned model itself
     config.extra = extra | dict(config.extra)

@@ -167,6 +167,79 @@ def test_stage_configs_and_lora_targets():
     assert not re.fullmatch(lora_target_pattern(vision_lora=False), "model.vision_tower.vision_model.encoder.layers.1.mlp.fc2")
 
 
+def _real_llava_config():
+    """internlm2-chat-1.8b's dimensions as the LLM, CLIP ViT-L/14 at 336 px as the vision tower (configs only)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                       num_key_value_heads=8, vocab_size=92544)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)
+    return LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+
+
+@pytest.mark.parametrize("memory_gib, loaded_gib, longest, rows", [
+    (139.8, 4.2, 190, (16, 1)),   # an H200, the course's picture (16 image tokens) and 3 short turns: one forward
+    (24.0, 4.2, 190, (16, 1)),    # a 24 GB card: still one forward
+    (24.0, 4.2, 760, (8, 2)),     # a CLIP-336 picture (577 positions) and its text: two forwards of 8
+    (8.0, 3.7, 1600, (1, 16)),    # an 8 GB card in 4-bit, 1,600-token records: one row at a time, as before
+    (4.0, 3.7, 1600, (1, 16)),    # nothing fits: one row (the configured batch), never zero
+])
+def test_stage_rows_per_forward_fit_the_card(memory_gib, loaded_gib, longest, rows):
+    from helpers.fast_path import GIB
+    from helpers.vlm_train import activation_bytes, rows_per_forward
+
+    config, trainable = _real_llava_config(), 104_000_000
+    got = rows_per_forward(config, longest, memory_gib, loaded_gib, trainable, 1, 16, checkpointing=True)
+    assert got == rows and got[0] * got[1] == 16
+    if rows[0] > 1:  # what it picked fits within ~85% of the card
+        peak = loaded_gib * GIB + 16 * trainable + activation_bytes(config, longest * rows[0], rows[0], True)
+        assert peak <= 0.85 * memory_gib * GIB
+
+
+def test_stage_memory_estimate_leans_above_the_measured_peak():
+    """benchmarks/gpu_vlm_real_dims.py on an H200: one row of 1,600 tokens (576 a CLIP-336 picture), NF4 LLM,
+    recomputation, 103.8 M trainable weights: 2.88 GiB above the loaded model. The estimate may be above, not below."""
+    from helpers.fast_path import GIB
+    from helpers.vlm_train import activation_bytes
+
+    estimate = (activation_bytes(_real_llava_config(), 1600, 1, True) + 16 * 103.8e6) / GIB
+    assert 2.88 <= estimate <= 1.6 * 2.88
+
+
+def test_rows_per_forward_do_not_change_the_update(tiny_vlm):
+    """One forward of 4 padded rows and 4 forwards of one give the same token-averaged loss and gradients: the
+    Trainer divides every micro-batch by the update's trained tokens (num_items_in_batch)."""
+    import torch
+
+    from helpers.data import IGNORE_INDEX
+    from helpers.train import compute_loss
+    from helpers.vlm import load_vlm
+    from helpers.vlm_data import make_llava_data
+    from helpers.vlm_train import LlavaCollator, encode_llava_samples
+
+    model, processor = load_vlm(tiny_vlm)
+    files = make_llava_data(Path(tiny_vlm).parent / "rows", repeats=1)
+    rows = encode_llava_samples(processor, files["conversations"], 512)[:4]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of different lengths: padding is exercised
+    collate = LlavaCollator(processor.tokenizer.pad_token_id)
+    items = torch.tensor(sum(sum(lab != IGNORE_INDEX for lab in r["labels"][1:]) for r in rows))
+
+    def grads(batches):
+        model.zero_grad()
+        total = 0.0
+        for batch in batches:
+            loss, _ = compute_loss(model, collate(batch), items)
+            loss.backward()
+            total += float(loss.detach())
+        return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one_loss, one = grads([rows])
+    four_loss, four = grads([[r] for r in rows])
+    assert one_loss == pytest.approx(four_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(one, four))
+
+
 def test_chat_with_a_missing_image_says_so(tiny_vlm, tmp_path, capsys):
     from helpers.vlm_chat import run_cli
 
