@@ -207,6 +207,26 @@ def test_stage_memory_estimate_leans_above_the_measured_peak():
     assert 2.88 <= estimate <= 1.6 * 2.88
 
 
+def test_a_gpu_stage_sets_its_rows_from_the_loaded_model(tiny_vlm, monkeypatch):
+    """The stage's own model (a PeftModel in stage 2) goes through the sizing as on a GPU (simulated: 8 GiB)."""
+    import torch
+
+    import helpers.fast_path as fast_path
+    from helpers.vlm import load_vlm
+    from helpers.vlm_data import make_llava_data
+    from helpers.vlm_train import encode_llava_samples, load_stage_model, size_stage_batches, stage_config
+
+    config = stage_config(2, "tiny", batch_size=1, gradient_accumulation=8, gradient_checkpointing=True)
+    model, processor, _, _ = load_stage_model(tiny_vlm, 2, config)
+    rows = encode_llava_samples(processor, make_llava_data(Path(tiny_vlm).parent / "gpu", repeats=1)["conversations"], 512)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2**30)
+    monkeypatch.setattr(fast_path, "gpu_memory_gib", lambda *a: 8.0)
+    note = size_stage_batches(model, rows, config)
+    assert (config.batch_size, config.gradient_accumulation) == (8, 1)  # a tiny model: the whole update at once
+    assert note.startswith("8 rows of at most ") and "(the same 8 rows per update), sized to 8 GiB" in note
+
+
 def test_rows_per_forward_do_not_change_the_update(tiny_vlm):
     """One forward of 4 padded rows and 4 forwards of one give the same token-averaged loss and gradients: the
     Trainer divides every micro-batch by the update's trained tokens (num_items_in_batch)."""
