@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     data = make_dataset(root / "data.json", repeats=400 if args.tiny else 10000, general_ratio=0.2)
     print(f"model and data ready in {time.perf_counter() - t0:.0f} s ({root})", flush=True)
     wanted = {w.strip().lower() for w in args.setups.split(",")} if args.setups else None
+    out = Path(args.out) if args.out else root
+    out.mkdir(parents=True, exist_ok=True)
     results = []
     for label, gpus, strategy in SETUPS:
         if wanted and not wanted & {label.split()[0].lower(), strategy, label.split()[-1].lower()}:
@@ -144,14 +146,13 @@ def main(argv=None) -> int:
             continue
         r = run_setup(label, gpus, strategy, model_dir, Path(data), root, steps, args.tiny)
         results.append(r)
-        print(f"{label}: {r['status']} in {r.get('seconds', 0)} s"
-              + (f", {r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else ""), flush=True)
+        md = table(results)  # each setup's whole row as it ends, and the files so far: a cut run keeps them
+        print(f"{label}: {r['status']} in {r.get('seconds', 0)} s\n{md.splitlines()[-1]}", flush=True)
+        (out / "tables.md").write_text(md + "\n")
+        (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
     md = table(results)
     print("\n" + md)
-    out = Path(args.out) if args.out else root
-    out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
     print(f"\n{steps or 'the homework: all its'} updates per setup, {time.perf_counter() - t0:.0f} s in all; results in {out}")
     return 0 if all(r["status"] == "ok" or r["status"].startswith(("error: distributed='zero2'", "error: distributed='fsdp'", "skipped"))
                     for r in results) else 1
