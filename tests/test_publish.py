@@ -160,6 +160,28 @@ def test_push_then_clone_back_is_identical_with_weights_in_lfs(final_work, tmp_p
     assert verified["identical"] and not verified["differ"] and "model.safetensors" in verified["lfs_files"]
 
 
+def test_verify_finds_what_the_remote_lacks_and_weights_it_altered(final_work):
+    """The clone-back check can fail: a file that never reached the remote is named, and weights altered on the
+    remote (an LFS object whose bytes no longer match its hash) stop the check with one sentence."""
+    repo = publish.build_model_repo(final_work, "m")
+    url = publish.default_remote(final_work)
+    publish.push_model_repo(final_work, url)
+    (repo / "notes.txt").write_text("written after the push", encoding="utf-8")
+    verified = publish.verify_push(repo, url)
+    assert not verified["identical"] and verified["differ"] == ["notes.txt"]
+    (repo / "notes.txt").unlink()
+    assert publish.verify_push(repo, url)["identical"]
+
+    oid = publish.file_sha256(repo / "model.safetensors")
+    stored = final_work.publish_remote / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of the weights flipped on the remote
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(data))
+    with pytest.raises(PublishError, match=rf"holds an LFS object whose bytes do not match its hash \({oid[:12]}\)"):
+        publish.verify_push(repo, url)
+
+
 def test_history_check_finds_weights_committed_without_lfs(tmp_path):
     repo = tmp_path / "plain"
     repo.mkdir()
