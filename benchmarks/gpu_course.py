@@ -42,7 +42,14 @@ def outcome(number: str, r: dict) -> str:
         return (f"identity in {r.get('identity_on_evaluation')}/{r.get('evaluation_questions')} evaluation answers, "
                 f"{r.get('identity_on_general')}/{r.get('general_questions')} held-out general")
     if number == "05":
-        return f"stage-2 answers match: {r.get('all_match')}"
+        stages = []
+        for k in ("stage1", "stage2"):
+            st, hp = r.get(k) or {}, (r.get(k) or {}).get("hyper_parameters") or {}
+            if st:
+                stages.append(f"{k.replace('stage', 'stage ')}: {st.get('steps')} updates of {hp.get('batch_size')} rows "
+                              f"x {hp.get('gradient_accumulation')} in {st.get('train_seconds')} s, loss "
+                              f"{st.get('first_loss', 0):.2f} → {st.get('final_loss', 0):.3f}")
+        return f"stage-2 answers match: {r.get('all_match')}" + "".join(f"; {x}" for x in stages)
     if number == "06":
         v = r.get("verified") or {}
         return f"pushed: {r.get('pushed')}, cloned back identical: {v.get('identical')} ({v.get('files')} files)"

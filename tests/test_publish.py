@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -504,3 +505,11 @@ def test_hub_upload_errors_are_one_sentence(final_work, monkeypatch):
     with pytest.raises(PublishError, match="rejected the token") as e:
         publish.upload_to_hub(repo, "student/m", token=FAKE_TOKEN, endpoint="http://127.0.0.1:1")
     assert FAKE_TOKEN not in str(e.value)
+
+
+def test_the_publishing_benchmark_runs_notebook_06s_steps(tmp_path):
+    """benchmarks/publish_size.py (06's steps at a real model's size) on a small file: every step, identical clone."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "publish_size.py"),
+                           "--gb", "0.01", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "identical: True" in done.stdout and "| clone back and compare |" in done.stdout
