@@ -1066,9 +1066,8 @@ def add_command(sub) -> None:
 
 
 def _train_command(args) -> int:
-    import yaml
-
     from .distributed import DistributedError, world_size
+    from .parameters import parse_value
     from .paths import work as make_work
 
     values = json.loads(args.config_json) if args.config_json else {}
@@ -1078,7 +1077,7 @@ def _train_command(args) -> int:
             print(f"error: -p {name}: TrainConfig has no such field; use one of {', '.join(sorted(fields))}.",
                   file=sys.stderr)
             return 2
-        values[name] = value if name in ("system", "base_model", "data_path") else yaml.safe_load(value)
+        values[name] = value if name in ("system", "base_model", "data_path") else parse_value(value)  # 2e-4: a number
     if args.num_gpus is not None:
         values["num_gpus"] = args.num_gpus
     if args.distributed is not None:

@@ -287,3 +287,21 @@ def test_the_adapter_loads_with_peft_and_answers(course_work):
     assert "小助手" not in before[0]
     assert after[0] == res["expected_answer"]
     assert "小助手" not in after[1]  # a general question still gets a general answer
+
+
+def test_the_train_command_reads_numbers_as_people_write_them(tmp_path, monkeypatch):
+    """`python -m helpers train -p lr 2e-4`: 2e-4 is a number (YAML 1.1 would keep it a string), names stay text."""
+    import argparse
+
+    import helpers.train as kit
+
+    seen = {}
+    monkeypatch.setattr(kit, "train", lambda config, work: seen.setdefault("config", config) and {
+        "steps": 0, "train_seconds": 0.0, "first_loss": None, "final_loss": None, "adapter": ""})
+    parser = argparse.ArgumentParser()
+    kit.add_command(parser.add_subparsers())
+    args = parser.parse_args(["train", "--work-dir", str(tmp_path), "-p", "lr", "2e-4", "-p", "max_steps", "3",
+                              "-p", "system", "1"])
+    assert args.func(args) == 0
+    config = seen["config"]
+    assert config.lr == 2e-4 and isinstance(config.lr, float) and config.max_steps == 3 and config.system == "1"
