@@ -15,7 +15,6 @@ from .template import TemplateError, stop_token_ids
 from .terminal import run_cli
 
 
-
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 256
@@ -94,8 +93,6 @@ class ChatSession:
     def reset(self) -> None:
         self.history, self.dropped = [], 0
 
-
-# --- the terminal chat --------------------------------------------------------------------------
 
 # --- before / after ------------------------------------------------------------------------------
 
