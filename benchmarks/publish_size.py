@@ -2,8 +2,8 @@
 
 A work directory whose final model holds one weights file of --gb GB (random bytes in a valid safetensors file;
 the tiny model's config and tokenizer beside it), then what notebook 06 runs, in its order: build the model
-repository, list its files with their hashes, push it (git + git-lfs) to the local bare remote, clone it back
-and compare every file, and list the files again for the results. Prints a table of seconds per step.
+repository, list its files with their hashes (the listing its results keep), push it (git + git-lfs) to the
+local bare remote, clone it back and compare every file. Prints a table of seconds per step.
 
     python benchmarks/publish_size.py --gb 3.8            # the size of internlm2-chat-1.8b in bf16
     python benchmarks/publish_size.py --gb 0.2            # a quick check
@@ -71,7 +71,6 @@ def main(argv=None) -> int:
     url = default_remote(w)
     step("push (git + git-lfs, local bare remote)", lambda: push_model_repo(w, url))
     verified = step("clone back and compare", lambda: verify_push(repo, url))
-    step("list the files again (results)", lambda: repo_files(repo))
     print(f"\nidentical: {verified['identical']}, {verified['files']} files\n")
     print("| step | seconds |\n|---|---|")
     for name, seconds in rows:

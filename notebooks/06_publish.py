@@ -70,7 +70,8 @@ from helpers.publish import (build_app_bundle, build_model_repo, default_remote,
 
 work = helpers.work(work_dir)
 repo = build_model_repo(work, model_name, license=license, base_model=base_model_id, repo_url=remote_url)
-file_table(repo_files(repo))
+files = repo_files(repo)  # path, size, sha256, in LFS or not
+file_table(files)
 
 # %% [markdown]
 # ## The model card
@@ -175,7 +176,7 @@ from helpers.results import save_results
 
 save_results(work, "06_publish", {
     **(push.to_dict() if push else {}), "push": push.to_dict() if push else {"pushed": False, "reason": not_pushed},
-    "model_repo": str(repo), "files": repo_files(repo),
+    "model_repo": str(repo), "files": files,
     "lfs_objects": lfs_files(repo) if push else [], "verified": verified, "hub_upload": hub_upload, "app": str(app),
     "app_files": sorted(p.name for p in app.iterdir() if p.name != ".git"),
     "app_push": app_push.to_dict() if app_push else None});
