@@ -175,11 +175,14 @@ def kit_train(model_dir, work_dir, quantization="auto", rows=16, length=1024, st
     return kit.train(kit.TrainConfig(**knobs), w, callbacks=callbacks), kit.read_metrics(w)
 
 
+SHAPE_UPDATES = 12  # per shape: 2 to warm up, 8 timed, 2 profiled
+
+
 class _Profile:
-    """A TrainerCallback (made lazily) that profiles updates first+1..last: CUDA kernel time by kernel and the
+    """A TrainerCallback (made lazily) that profiles updates first+1 .. last: CUDA kernel time by kernel and the
     share of wall time the GPU was busy."""
 
-    def __new__(cls, first=2, last=4, top=18):
+    def __new__(cls, first, last, top=18):
         from transformers import TrainerCallback
 
         class Profile(TrainerCallback):
@@ -276,11 +279,14 @@ def kit_worker(recipe, model_dir, tiny, emit, out_dir, homework):
     shapes = [s for s in (TINY_SHAPES if tiny else SHAPES) if s[3] and (not rows_wanted or s[1] in rows_wanted)]
     for label, rows, length, _ in shapes:
         try:
-            profile = _Profile() if (not tiny and rows == 8) else None
+            steps = 3 if tiny else SHAPE_UPDATES
+            profile = _Profile(steps - 2, steps) if (not tiny and rows == 8) else None  # the last two updates
             result, metrics = kit_train(model_dir, out_dir / f"work-{recipe}-{rows}x{length}", quantization, rows,
-                                        length, steps=3 if tiny else 8, repeats=300 if tiny else 10_000,
+                                        length, steps=steps, repeats=300 if tiny else 10_000,
                                         callbacks=[profile] if profile else None)
-            speeds = [m["tokens_per_s"] for m in metrics[2:]] or [m["tokens_per_s"] for m in metrics]
+            # updates 3 .. steps-2: past the first (allocator, kernel tuning), before the profiled ones
+            timed = metrics[2:steps - 2] if profile else metrics[2:]
+            speeds = [m["tokens_per_s"] for m in timed] or [m["tokens_per_s"] for m in metrics]
             tok_s = statistics.median(speeds)
             per_sample = result["data"]["tokens"] / max(1, result["data"]["samples"])
             flops = fp.flops_per_token(_Cfg(cfg), (per_sample + 1) / 2)
@@ -458,13 +464,14 @@ def print_tables(results, out_dir):
             if r.get("kind") == "profile":
                 (out_dir / f"profile_{k}.txt").write_text(r["table"])
                 busy = f", GPU busy {100 * r['gpu_busy']:.0f}% of the wall time" if r.get("gpu_busy") else ""
-                print(f"\nprofile ({k}, updates 3-4 at 8 × 2048{busy}):\n" + "\n".join(r["table"].splitlines()[:24]))
+                head = "\n".join(r["table"].splitlines()[:24])
+                print(f"\nprofile ({k}, the last 2 of {SHAPE_UPDATES} updates at 8 × 2048{busy}):\n{head}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU check)")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES + ["kit-liger", "kit-torch", "kit-liger-ce"]))
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES + ["homework-<quantization>[@<GiB>]"]))
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for results")
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")

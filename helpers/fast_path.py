@@ -594,13 +594,35 @@ def prepare_trainer_model(model, plan: FastPlan, max_length: int):
 COMPILE_MIN_UPDATES = 400  # H200, 1.8B, 16k tokens: compiling costs ~22 s and saves ~0.06 s an update
 
 
-def fit_compile_to_run(model, updates: int) -> None:
-    """Compiled layers only for a run long enough to win back the compilation (else eager layers)."""
+def fit_layers_to_run(model, updates: int) -> None:
+    """Compiled layers only for a run long enough to win back the compilation; eager layers otherwise, with
+    Liger's fused RMSNorm, SwiGLU and RoPE kernels where liger-kernel is installed (`pip install -e .[gpu]`)."""
     fast = getattr(causal_lm(model), "_kit_trainer_fast", None)
-    if fast and fast.get("compiled") and updates < COMPILE_MIN_UPDATES:
-        fast["compiled"], fast["plan"].compile_layers = [], False
-        fast["plan"].reason = fast["plan"].reason.replace(", compiled layers", "") + \
+    if not fast:
+        return
+    plan = fast["plan"]
+    if fast.get("compiled") and updates < COMPILE_MIN_UPDATES:
+        fast["compiled"], plan.compile_layers = [], False
+        plan.reason = plan.reason.replace(", compiled layers", "") + \
             f" Eager layers: {updates} updates do not win back the ~20 s compilation."
+    if not fast.get("compiled") and plan.device == "cuda" and use_fused_kernels(model):
+        plan.kernels = "liger"
+        plan.reason += " Liger's fused RMSNorm, SwiGLU and RoPE kernels in the eager layers."
+
+
+def use_fused_kernels(model) -> bool:
+    """Put Liger's Triton kernels for RMSNorm, SwiGLU and RoPE in a Llama-layout model's layers (each replaces a
+    chain of separate elementwise kernels; the kit's own loss stays). False where liger-kernel is missing or the
+    model is not Llama-shaped. RoPE is swapped in transformers' Llama module, so for every Llama in this process."""
+    lm = causal_lm(model)
+    if lm.config.model_type != "llama" or getattr(lm.config, "hidden_act", "silu") not in ("silu", "swish") \
+            or not _has("liger_kernel"):
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=lm)
+    return True
 
 
 def trainer_arguments(plan: FastPlan) -> dict:

@@ -551,6 +551,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+DRAW_SHARE = 0.03  # the live loss plot's redraws (~0.2 s each for a 1.8B run's host) take at most this share of time
+
+
 def _callbacks():
     from transformers import TrainerCallback
 
@@ -601,7 +604,7 @@ def _callbacks():
             self.trainer_ref, self.metrics_path, self.plot_path, self.title = trainer_ref, metrics_path, plot_path, title
             self.rows: list[dict] = []
             self.handle = None
-            self.last_draw = 0.0
+            self.last_draw, self.draw_cost = 0.0, 0.0
             self.last_time, self.last_tokens = None, 0
 
         def on_train_begin(self, args, state, control, **kw):
@@ -626,16 +629,18 @@ def _callbacks():
             self.rows.append(row)
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            if not headless() and time.perf_counter() - self.last_draw > 2:
+            if not headless() and time.perf_counter() - self.last_draw > max(2.0, self.draw_cost / DRAW_SHARE):
                 self.draw()
 
         def on_train_end(self, args, state, control, **kw):
             self.draw(final=True)
 
         def draw(self, final: bool = False) -> None:
+            start = time.perf_counter()
             png = loss_plot_png(self.rows, self.title)
             if png is None:
                 return
+            self.draw_cost = time.perf_counter() - start  # the next redraw waits so that drawing stays a small share
             if final:
                 self.plot_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.plot_path.with_suffix(".tmp.png")
@@ -904,11 +909,11 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
 
     plan = (getattr(model.get_base_model(), "_kit_trainer_fast", None) or {}).get("plan")
     if plan is not None:
-        from .fast_path import fit_compile_to_run
+        from .fast_path import fit_layers_to_run
 
         per_update = config.batch_size * config.gradient_accumulation
-        fit_compile_to_run(model, config.max_steps if config.max_steps and config.max_steps > 0
-                           else math.ceil(len(rows) / per_update * (config.epochs or 1)))
+        fit_layers_to_run(model, config.max_steps if config.max_steps and config.max_steps > 0
+                          else math.ceil(len(rows) / per_update * (config.epochs or 1)))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     args = training_arguments(rank_config, work.checkpoints, plan)
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,

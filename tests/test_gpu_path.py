@@ -161,6 +161,36 @@ def test_the_plan_says_when_nothing_fits():
     assert fp.trainer_plan(config, "nf4", LlamaConfig(**REAL), memory_gib=24, cuda=False) is None
 
 
+@pytest.mark.parametrize("updates,fused", [(74, True), (fp.COMPILE_MIN_UPDATES, False)])
+def test_eager_layers_get_ligers_fused_kernels_and_compiled_ones_do_not(tiny_model_dir, monkeypatch, updates, fused):
+    """The homework's 74 updates run eager layers: Liger's RMSNorm / SwiGLU / RoPE kernels go in (the model's
+    own modules, the kit's loss kept); a run long enough to compile keeps its compiled layers instead."""
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    liger = types.ModuleType("liger_kernel.transformers")
+    liger.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
+    monkeypatch.setattr(fp, "_has", lambda module: module == "liger_kernel")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    plan = fp.FastPlan(device="cuda", precision="bf16", compile_layers=True, reason="r, compiled layers, x.")
+    model = fp.prepare_trainer_model(model, plan, max_length=32)
+    fp.fit_layers_to_run(model, updates)
+    assert bool(calls) == fused and plan.compile_layers != fused
+    assert plan.kernels == ("liger" if fused else "torch")
+    if fused:
+        (kw,) = calls
+        assert kw["model"] is model.get_base_model() and kw["swiglu"] and kw["rms_norm"] and kw["rope"]
+        assert not kw["fused_linear_cross_entropy"] and not kw["cross_entropy"]  # the kit's loss stays
+        assert "Liger" in plan.reason and "compiled" not in plan.reason
+
+
 def test_the_benchmarks_kit_recipe_is_notebook_02s_train(monkeypatch, tmp_path):
     import importlib.util
 
