@@ -471,7 +471,8 @@ def print_tables(results, out_dir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU check)")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES + ["homework-<quantization>[@<GiB>]"]))
+    ap.add_argument("--recipes", default=",".join(RECIPES),
+                    help="comma list of " + ", ".join(RECIPES + ["homework-<quantization>[@<GiB>]"]))
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for results")
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built (default: tmp)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per recipe")

@@ -308,8 +308,8 @@ def test_the_train_command_reads_numbers_as_people_write_them(tmp_path, monkeypa
 
 
 def test_the_live_loss_plot_redraws_take_a_small_share_of_the_time(tmp_path, monkeypatch):
-    """In JupyterLab the loss plot is redrawn as rows arrive; at ~0.2 s a drawing (a 1.8B run's host) and an update
-    every 0.37 s, redrawing at every log cost the H200 homework ~10% of its tokens/s. Now at most DRAW_SHARE."""
+    """In JupyterLab the loss plot is redrawn as rows arrive. At ~0.2 s a drawing (a 1.8B run's host), an update
+    every 0.37 s and a row per update, redrawing every 2 s took 8% of the time; now at most DRAW_SHARE."""
     import types
 
     import helpers.train as kit
