@@ -618,11 +618,34 @@ def use_fused_kernels(model) -> bool:
     if lm.config.model_type != "llama" or getattr(lm.config, "hidden_act", "silu") not in ("silu", "swish") \
             or not _has("liger_kernel"):
         return False
+    failure = fused_kernels_fail(next(lm.parameters()).device)
+    if failure:
+        print(f"note: Liger's kernels do not work here ({failure}); training goes on with the plain eager layers "
+              f"(uninstall liger-kernel to skip this check).")
+        return False
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False, model=lm)
     return True
+
+
+def fused_kernels_fail(device) -> str | None:
+    """Why Liger's kernels cannot be used on `device` (Triton cannot build or launch them, e.g. no C compiler; or
+    its RMSNorm disagrees with the formula), or None when its RMSNorm runs and matches."""
+    import torch
+
+    try:
+        from liger_kernel.transformers import LigerRMSNorm
+
+        x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
+        got = LigerRMSNorm(64, eps=1e-6).to(device)(x).float()
+    except Exception as e:  # noqa: BLE001 - whatever stops the kernel, training must go on without it
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    want = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2):
+        return f"its RMSNorm is {float((got - want).abs().max()):.3g} from the formula"
+    return None
 
 
 def trainer_arguments(plan: FastPlan) -> dict:

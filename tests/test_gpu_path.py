@@ -161,6 +161,26 @@ def test_the_plan_says_when_nothing_fits():
     assert fp.trainer_plan(config, "nf4", LlamaConfig(**REAL), memory_gib=24, cuda=False) is None
 
 
+def _stand_in_liger(calls: list, kernel_error: Exception | None = None):
+    """liger_kernel.transformers as the kit uses it: the Llama patch (recorded) and an RMSNorm for the probe."""
+    import types
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, hidden, eps=1e-6):
+            super().__init__()
+            self.eps = eps
+
+        def forward(self, x):
+            if kernel_error is not None:
+                raise kernel_error
+            return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    liger = types.ModuleType("liger_kernel.transformers")
+    liger.LigerRMSNorm = RMSNorm
+    liger.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
+    return liger
+
+
 @pytest.mark.parametrize("updates,fused", [(74, True), (fp.COMPILE_MIN_UPDATES, False)])
 def test_eager_layers_get_ligers_fused_kernels_and_compiled_ones_do_not(tiny_model_dir, monkeypatch, updates, fused):
     """The homework's 74 updates run eager layers: Liger's RMSNorm / SwiGLU / RoPE kernels go in (the model's
@@ -172,10 +192,8 @@ def test_eager_layers_get_ligers_fused_kernels_and_compiled_ones_do_not(tiny_mod
     from transformers import AutoModelForCausalLM
 
     calls = []
-    liger = types.ModuleType("liger_kernel.transformers")
-    liger.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", _stand_in_liger(calls))
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
     monkeypatch.setattr(fp, "_has", lambda module: module == "liger_kernel")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, target_modules=["q_proj"]))
@@ -189,6 +207,40 @@ def test_eager_layers_get_ligers_fused_kernels_and_compiled_ones_do_not(tiny_mod
         assert kw["model"] is model.get_base_model() and kw["swiglu"] and kw["rms_norm"] and kw["rope"]
         assert not kw["fused_linear_cross_entropy"] and not kw["cross_entropy"]  # the kit's loss stays
         assert "Liger" in plan.reason and "compiled" not in plan.reason
+
+
+def test_ligers_kernels_that_cannot_run_leave_the_plain_layers_with_one_sentence(tiny_model_dir, monkeypatch,
+                                                                                 capsys):
+    """Triton builds its launchers with the machine's C compiler: without one (or with any other failure of the
+    kernel) the kit says so in one sentence and trains on the plain eager layers."""
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    broken = RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", _stand_in_liger(calls, broken))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setattr(fp, "_has", lambda module: module == "liger_kernel")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    plan = fp.FastPlan(device="cuda", precision="nf4", reason="r.")
+    model = fp.prepare_trainer_model(model, plan, max_length=32)
+    fp.fit_layers_to_run(model, 74)
+    assert calls == [] and plan.kernels == "torch" and "Liger" not in plan.reason
+    out = capsys.readouterr().out.strip()
+    assert out == ("note: Liger's kernels do not work here (RuntimeError: Failed to find C compiler. Please specify "
+                   "via CC environment variable.); training goes on with the plain eager layers (uninstall "
+                   "liger-kernel to skip this check).")
+    assert fp.fused_kernels_fail("cpu").startswith("RuntimeError: Failed to find C compiler")
+    wrong = _stand_in_liger([])
+    wrong.LigerRMSNorm = lambda hidden, eps: torch.nn.Identity()  # a kernel that runs but leaves its input as is
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", wrong)
+    assert "from the formula" in fp.fused_kernels_fail("cpu")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", _stand_in_liger([]))
+    assert fp.fused_kernels_fail("cpu") is None
 
 
 def test_the_benchmarks_kit_recipe_is_notebook_02s_train(monkeypatch, tmp_path):
