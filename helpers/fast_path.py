@@ -492,6 +492,12 @@ def footprint(model_config, precision: str, lora_r: int, vocab_chunk: int) -> di
     }
 
 
+def rows_that_fit(memory_gib: float, fixed_bytes: float, row_bytes: float) -> int:
+    """Rows whose activations fit beside `fixed_bytes` with the peak at ~85% of the memory (0.5 GiB spare for
+    the CUDA context and allocator slack): the one headroom rule of every plan (the LLM's and the VLM stages')."""
+    return int(max(0.0, 0.85 * memory_gib * GIB - fixed_bytes - 0.5 * GIB) // row_bytes)
+
+
 def size_plan(model_config, quantization: str, memory_gib: float, max_length: int, batch_size: int,
               rows_per_update: int, lora_r: int, checkpointing: bool | None = None) -> dict:
     """Precision, recomputation, rows per forward and loss chunk that fit `memory_gib` (peak <= ~85%).
@@ -511,7 +517,7 @@ def size_plan(model_config, quantization: str, memory_gib: float, max_length: in
                 need = footprint(model_config, precision, lora_r, chunk)
                 fixed = need["weights"] + need["adapters"] + need["loss_chunk"]
                 per_token = need["recomputed_per_token" if recompute else "stored_per_token"]
-                rows_fit = int(max(0.0, 0.85 * memory_gib * GIB - fixed - 0.5 * GIB) // (per_token * max_length))
+                rows_fit = rows_that_fit(memory_gib, fixed, per_token * max_length)
                 if rows_fit < max(want, batch_size):
                     continue
                 rows, accumulation = trainer_batches(rows_fit * max_length, max_length, batch_size, rows_per_update)

@@ -532,15 +532,10 @@ def verify_push(repo_dir: str | os.PathLike, remote_url: str, token: str | None 
         if fetched.returncode != 0:
             raise PublishError("downloading the LFS objects back failed: " + _remote_problem(remote_url, fetched.stderr, token))
         stored = {f["path"]: f["oid"] for f in lfs_files(clone)}
-        theirs = {}
-        for f in sorted(p for p in clone.rglob("*") if p.is_file() and ".git" not in p.relative_to(clone).parts):
-            rel = str(f.relative_to(clone))
-            if rel in stored:
-                oid = stored[rel]
-                obj = clone / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-                theirs[rel] = file_sha256(obj) if obj.is_file() else "missing from the remote's LFS store"
-            else:
-                theirs[rel] = file_sha256(f)
+        theirs = {f["path"]: f["sha256"] for f in repo_files(clone)}  # the LFS files are pointers here: small
+        for rel, oid in stored.items():
+            obj = clone / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+            theirs[rel] = file_sha256(obj) if obj.is_file() else "missing from the remote's LFS store"
         mine = {f["path"]: f["sha256"] for f in repo_files(repo_dir)}
         return {"files": len(theirs), "identical": mine == theirs,
                 "differ": sorted(p for p in mine.keys() | theirs.keys() if mine.get(p) != theirs.get(p)),

@@ -188,12 +188,12 @@ def rows_per_forward(model_config, longest: int, memory_gib: float, loaded_gib: 
                      batch_size: int, rows_per_update: int, checkpointing: bool) -> tuple[int, int]:
     """(rows per forward, forwards per update) for a stage: as many of the update's rows as fit the GPU beside the
     loaded model (and the trainable weights' gradients and AdamW states), each row padded to the longest record,
-    peak kept to ~85% of the memory as the LLM's plan does. The update keeps its rows and its token-averaged loss;
-    one forward of 16 short rows instead of 16 forwards of one is what keeps a GPU busy at these lengths."""
-    from .fast_path import GIB, trainer_batches
+    with the LLM plan's headroom (fast_path.rows_that_fit). The update keeps its rows and its token-averaged
+    loss; one forward of 16 short rows instead of 16 forwards of one is what keeps a GPU busy at these lengths."""
+    from .fast_path import GIB, rows_that_fit, trainer_batches
 
-    free = 0.85 * memory_gib * GIB - loaded_gib * GIB - 16.0 * trainable - 0.5 * GIB
-    rows_fit = int(max(0.0, free) // activation_bytes(model_config, longest, 1, checkpointing))
+    rows_fit = rows_that_fit(memory_gib, loaded_gib * GIB + 16.0 * trainable,
+                             activation_bytes(model_config, longest, 1, checkpointing))
     return trainer_batches(rows_fit * longest, longest, batch_size, rows_per_update)
 
 
