@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from .fingerprint import model_identity
 from .paths import Work
 from .tiny_model import RECORD_FILE, build_tiny_model
 
@@ -108,8 +109,19 @@ def _local_model(path: Path, info: dict, work: Work) -> Path:
         info["converted"] = str(convert_internlm2(path, work.converted_model))
     loadable = Path(info.get("converted", path))
     check_tokenizer(loadable)
-    (work.model / RECORD_FILE).write_text(json.dumps(info, indent=1))
+    _write_record(work, info | {"identity": model_identity(loadable, _source(info))})
     return loadable
+
+
+def _write_record(work: Work, info: dict) -> None:
+    from .data import atomic_write_text
+
+    atomic_write_text(work.model / RECORD_FILE, json.dumps(info, ensure_ascii=False, indent=1))
+
+
+def _source(info: dict) -> str:
+    """How the student named the base model: "tiny", a hub id, or the folder's name."""
+    return "tiny" if info.get("kind") == "tiny" else info.get("id") or Path(info.get("path") or "?").name
 
 
 def prepare_base_model(base_model: str, work: Work, seed: int = 0) -> Path:
@@ -121,7 +133,10 @@ def prepare_base_model(base_model: str, work: Work, seed: int = 0) -> Path:
     recorded with it. InternLM2 checkpoints are converted once to the Llama layout in WORK/model/converted.
     """
     if base_model in (None, "", "tiny"):
-        return build_tiny_model(work.model, seed=seed)
+        path = build_tiny_model(work.model, seed=seed)
+        info = _record(work)
+        _write_record(work, info | {"identity": model_identity(path, _source(info))})
+        return path
     work.model.mkdir(parents=True, exist_ok=True)
     if _looks_like_hub_id(str(base_model)):
         return _local_model(hub_snapshot(str(base_model)), {"kind": "hub", "id": str(base_model)}, work)
@@ -131,6 +146,28 @@ def prepare_base_model(base_model: str, work: Work, seed: int = 0) -> Path:
 def _record(work: Work) -> dict | None:
     record = work.model / RECORD_FILE
     return json.loads(record.read_text()) if record.exists() else None
+
+
+def base_model_identity(work: Work, model_path: str | os.PathLike | None = None) -> dict:
+    """What the base model is, by content, computed from its files now (their hashes are cached): source ("tiny",
+    hub id or folder name), architecture, size, parameters and content_sha256 over its config, tokenizer and weight
+    files (fingerprint.model_identity). `model_path`: the folder to identify (default: the one WORK/model records)."""
+    info = _record(work)
+    recorded = base_model_path(work) if info or model_path is None else None  # none recorded: says "run notebook 00"
+    path = Path(model_path or recorded)
+    same = recorded is not None and Path(recorded).resolve() == path.resolve()
+    return model_identity(path, _source(info) if same else None)
+
+
+def identity_table(identity: dict):
+    """The base model's identity as a small table (what notebook 00 shows)."""
+    import pandas as pd
+
+    rows = {k: identity.get(k) for k in ("source", "architecture", "parameters", "hidden_size", "layers",
+                                         "vocab_size", "content_sha256", "path")}
+    rows["parameters"] = f"{rows['parameters']:,}"
+    rows["files hashed"] = ", ".join(identity.get("files", {}))
+    return pd.Series(rows, dtype=object).to_frame("base model")
 
 
 def base_model_path(work: Work) -> str:

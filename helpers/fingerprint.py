@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 # Files a folder's hash leaves out: records the kit writes about a folder, and documentation.
-NOT_CONTENT = ("course_model.json", "verification.json", "README.md")
+NOT_CONTENT = ("course_model.json", "verification.json", "training_record.json", "README.md")
 _CHUNK = 1 << 22
 
 
@@ -21,8 +21,8 @@ def file_sha256(path: str | os.PathLike, cached: bool = True) -> str:
     that judges a student's files passes cached=False."""
     path = Path(path)
     stat = path.stat()
-    key = hashlib.sha1(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:"
-                       f"{path.resolve()}".encode()).hexdigest()
+    key = hashlib.sha1(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+                       .encode()).hexdigest()  # no path: a folder renamed into place keeps its files' hashes
     entry = _cache_dir() / key
     if cached:
         try:
@@ -99,3 +99,21 @@ def model_identity(folder: str | os.PathLike, source: str | None = None, cached:
             "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
             "vocab_size": text.get("vocab_size"), "parameters": parameter_count(folder),
             "content_sha256": combined_sha256(hashes), "files": hashes}
+
+
+# The folders whose content a notebook's results may come from, as WORK attributes (see current_sources).
+SOURCES = ("adapter", "final_model", "vlm_adapter", "vlm_final_model")
+
+
+def current_sources(work, names=SOURCES) -> dict:
+    """{name: folder_sha256} of WORK's adapter / final_model / vlm folders as they are now (None where absent).
+    A notebook saves this as its results' "sources"; the report compares it with the files later (stale_sources)."""
+    folders = {name: Path(getattr(work, name)) for name in names}
+    return {name: folder_sha256(f) if f.is_dir() and content_files(f) else None for name, f in folders.items()}
+
+
+def stale_sources(work, recorded: dict) -> list[str]:
+    """The names among `recorded` ({name: sha256}, a results' "sources") whose folder no longer holds that content."""
+    known = {k: v for k, v in (recorded or {}).items() if k in SOURCES}
+    now = current_sources(work, tuple(known))
+    return [name for name, sha in known.items() if sha != now[name]]

@@ -37,6 +37,7 @@ img { max-width: 100%%; border: 1px solid #ddd; }
 .not-run { color: #a33; font-style: italic; }
 .pass { color: #161; font-weight: bold; } .fail { color: #a11; font-weight: bold; }
 .meta { color: #667; font-size: 13px; }
+.stale { color: #8a5a00; background: #fff6dd; padding: 4px 8px; font-weight: bold; }
 """ % FONT_STACK
 
 
@@ -106,6 +107,7 @@ class Section:
     title: str
     ran: bool = True
     blocks: list = field(default_factory=list)
+    stale: str = ""  # the note when the results came from files that have changed since (an older run)
 
     def p(self, text: str):
         self.blocks.append(("p", text))
@@ -138,7 +140,20 @@ def _open(work: Work, key: str, title: str, notebook: str) -> tuple[Section, dic
     if r is None:
         return _not_run(key, title, notebook), None
     unreadable = _unreadable(key, title, r)
-    return (unreadable, None) if unreadable else (Section(key, title), r)
+    return (unreadable, None) if unreadable else (_marked_if_stale(work, Section(key, title), r, notebook), r)
+
+
+def _marked_if_stale(work: Work, s: Section, r: dict, notebook: str) -> Section:
+    """Marks a section "from an older run" when its results' "sources" hashes no longer match the files."""
+    from .fingerprint import stale_sources
+
+    changed = stale_sources(work, r.get("sources")) if isinstance(r.get("sources"), dict) else []
+    if changed:
+        folders = ", ".join(f"WORK/{getattr(work, n).relative_to(work.root)}" for n in changed)
+        s.stale = (f"From an older run: {folders} {'has' if len(changed) == 1 else 'have'} changed since these "
+                   f"results were made from {'it' if len(changed) == 1 else 'them'}; re-run notebook {notebook} "
+                   "to bring them up to date.")
+    return s
 
 
 def environment_section(work: Work) -> Section:
@@ -309,9 +324,11 @@ def _html_block(block) -> str:
 
 def render_html(title: str, meta: str, secs: list[Section]) -> str:
     e = html.escape
-    toc = "".join(f'<li><a href="#{s.key}">{e(s.title)}</a>{"" if s.ran else " (not run)"}</li>' for s in secs)
+    toc = "".join(f'<li><a href="#{s.key}">{e(s.title)}</a>{"" if s.ran else " (not run)"}'
+                  f'{" (from an older run)" if s.stale else ""}</li>' for s in secs)
     body = "".join(
-        f'<section id="{s.key}" class="{"ran" if s.ran else "not-run-section"}"><h2>{e(s.title)}</h2>'
+        f'<section id="{s.key}" class="{"ran" if s.ran else "not-run-section"}{" stale-section" if s.stale else ""}">'
+        f'<h2>{e(s.title)}</h2>' + (f'<p class="stale">{e(s.stale)}</p>' if s.stale else "")
         + "".join(_html_block(b) if s.ran else f'<p class="not-run">{e(b[1])}</p>' for b in s.blocks) + "</section>"
         for s in secs)
     return (f'<!DOCTYPE html>\n<html lang="zh-CN"><head><meta charset="utf-8"><title>{e(title)}</title>'
@@ -326,7 +343,7 @@ def _md_cell(text: str) -> str:
 def render_markdown(title: str, meta: str, secs: list[Section], image_names: dict[Path, str]) -> str:
     out = [f"# {title}", "", meta, ""]
     for s in secs:
-        out += [f"## {s.title}", ""]
+        out += [f"## {s.title}", ""] + ([f"**{s.stale}**", ""] if s.stale else [])
         for b in s.blocks:
             if b[0] == "p":
                 out += [f"*{b[1]}*" if not s.ran else b[1], ""]

@@ -711,18 +711,71 @@ def loss_plot_png(rows: list[dict], title: str = "training loss") -> bytes | Non
 
 
 # ---------------------------------------------------------------- the verb
-def _run_fingerprint(config: TrainConfig, model_path: str, data_sha: str) -> dict:
-    keep = {k: v for k, v in config.hyper_parameters().items()
-            if k not in ("evaluation_inputs", "evaluation_freq", "system", "max_new_tokens", "logging_steps",
-                         "save_total_limit", "base_model", "data_path")}
-    return {"config": keep, "model": str(model_path), "data_sha256": data_sha}
+EVALUATION_KNOBS = ("evaluation_inputs", "system", "max_new_tokens")  # what the evaluation rounds ask and answer
+# Left out of a run's fingerprint: bookkeeping that cannot change the adapter or its answers, and the paths of the
+# base model and data (their content is in the fingerprint instead).
+NOT_FINGERPRINTED = ("evaluation_freq", "logging_steps", "save_total_limit", "base_model", "data_path")
+
+
+def _run_fingerprint(config: TrainConfig, base_files: dict, data_sha: str) -> dict:
+    """What decides a run's result, by content: the base model's files ({name: sha256}), the data's hash, every
+    training knob and what the evaluation rounds ask. A run resumes only into one with the same fingerprint."""
+    knobs = {k: v for k, v in config.hyper_parameters().items() if k not in NOT_FINGERPRINTED}
+    evaluation = {k: knobs.pop(k) for k in EVALUATION_KNOBS}
+    fingerprint = {"base_model": dict(base_files), "data_sha256": data_sha, "training": knobs, "evaluation": evaluation}
+    return json.loads(json.dumps(fingerprint, default=str))  # as run.json reads back, so the two compare equal
+
+
+def _file_kind(name: str) -> str:
+    if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")) or ".safetensors.index" in name:
+        return "weights"
+    if name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")) \
+            or name.endswith((".model", ".tiktoken")):
+        return "tokenizer"
+    return "config" if name.endswith(".json") and "config" in name else "files"
+
+
+def _words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def fingerprint_difference(old: dict | None, new: dict) -> str | None:
+    """What differs between an earlier run's fingerprint and this one's, as one phrase (None when identical),
+    e.g. "the base model's weights changed (model.safetensors)"."""
+    if old == new:
+        return None
+    if not old:
+        return f"the earlier run left no readable record of what it trained on ({RUN_FILE})"
+    if set(old) != set(new):
+        return f"the earlier run's record ({RUN_FILE}) comes from an older version of the kit"
+    parts = []
+    if old["base_model"] != new["base_model"]:
+        a, b = old["base_model"], new["base_model"]
+        files = sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        parts.append(f"the base model's {_words(list(dict.fromkeys(_file_kind(n) for n in files)))} changed ({shown})")
+    if old["data_sha256"] != new["data_sha256"]:
+        parts.append("the training data changed")
+    if old["evaluation"] != new["evaluation"]:
+        names = {"evaluation_inputs": "evaluation inputs", "system": "system prompt", "max_new_tokens": "max_new_tokens"}
+        parts.append(f"the {_words([names.get(k, k) for k in new['evaluation'] if old['evaluation'].get(k) != new['evaluation'][k]])} changed")
+    if old["training"] != new["training"]:
+        a, b = old["training"], new["training"]
+        changes = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+        parts.append(f"the training settings changed ({', '.join(changes)})")
+    return "; ".join(parts)
 
 
 def _prepare_train_dir(work: Work, config: TrainConfig, fingerprint: dict) -> str | None:
-    """Pick the checkpoint to resume from (or None), clearing an earlier run's files when starting over."""
+    """Pick the checkpoint to resume from (or None), clearing an earlier run's files when starting over.
+    Only a run with the same fingerprint resumes; a new one says what changed."""
     run_file = work.train / RUN_FILE
     ckpts = complete_checkpoints(work.checkpoints)
-    previous = json.loads(run_file.read_text()) if run_file.exists() else None
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    difference = fingerprint_difference(previous, fingerprint)
     if work.checkpoints.exists():  # leftovers of an interrupted write
         for p in work.checkpoints.iterdir():
             if p.name.startswith((".staging-", ".trash-")):
@@ -732,15 +785,17 @@ def _prepare_train_dir(work: Work, config: TrainConfig, fingerprint: dict) -> st
         if not ckpts:
             raise TrainConfigError(f"resume=True but {work.checkpoints} has no complete checkpoint; "
                                    "set resume='auto' (or False) to start a new run.")
-        if previous is not None and previous != fingerprint:
-            raise TrainConfigError(f"resume=True but the checkpoints in {work.checkpoints} come from a run with other "
-                                   "settings or data; set resume=False to start over with the new ones.")
+        if difference:
+            raise TrainConfigError(f"resume=True but the checkpoints in {work.checkpoints} come from another run: "
+                                   f"{difference}; set resume=False to start over with the new ones.")
         resume_from = str(ckpts[-1])
-    elif config.resume == "auto" and ckpts and previous == fingerprint:
+    elif config.resume == "auto" and ckpts and not difference:
         resume_from = str(ckpts[-1])
     if resume_from is None:
         if ckpts or work.eval_outputs.exists() or work.metrics.exists():
-            print(f"note: starting a new run; the earlier run's checkpoints and logs in {work.train} are replaced.")
+            why = (f": {difference}" if difference and ckpts else " (resume=False)" if config.resume is False
+                   else " (the earlier run saved no complete checkpoint)" if not ckpts else "")
+            print(f"note: starting a new run{why}; the earlier run's checkpoints and logs in {work.train} are replaced.")
         for p in (work.checkpoints, work.eval_outputs):
             if p.exists():
                 _remove_dir(p)
@@ -754,7 +809,7 @@ def _prepare_train_dir(work: Work, config: TrainConfig, fingerprint: dict) -> st
                 p.unlink()
     work.checkpoints.mkdir(parents=True, exist_ok=True)
     work.eval_outputs.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(fingerprint, ensure_ascii=False, indent=1, default=str))
+    atomic_write_text(run_file, json.dumps(fingerprint, ensure_ascii=False, indent=1))
     return resume_from
 
 
@@ -873,7 +928,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     import torch
     from transformers import PrinterCallback
 
-    from .base_model import resolve_base_model
+    from .base_model import base_model_identity, resolve_base_model
     from .paths import work as make_work
 
     wall_start = time.perf_counter()
@@ -903,7 +958,8 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     if main:
         print(f"quantization: {quantization} ({note})")
     rows, data_summary = build_dataset(tokenizer, config, data_path)
-    fingerprint = _run_fingerprint(config, str(model_path), data_sha)
+    identity = base_model_identity(work, model_path)  # by content: a base changed in place is another base
+    fingerprint = _run_fingerprint(config, identity["files"], data_sha)
     resume_from = distributed.main_first(lambda: _prepare_train_dir(work, config, fingerprint))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -960,8 +1016,9 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
 
     metrics = read_metrics(work)
     record = {
-        "hyper_parameters": config.hyper_parameters(), "quantization": quantization, "base_model": str(model_path),
-        "data_file": str(data_path), "data_sha256": data_sha, "data": data_summary, "steps": trainer.state.global_step,
+        "hyper_parameters": config.hyper_parameters(), "preset": config.preset, "quantization": quantization,
+        "base_model": str(model_path), "base_model_identity": identity, "data_file": str(data_path),
+        "data_sha256": data_sha, "evaluation_inputs": config.evaluation_inputs, "data": data_summary, "steps": trainer.state.global_step,
         "first_loss": metrics[0]["loss"] if metrics else None, "final_loss": metrics[-1]["loss"] if metrics else None,
         "mean_loss": None if mean_loss is None else round(mean_loss, 6), "train_seconds": round(seconds, 1),
         "resumed_from": resume_from,
@@ -986,10 +1043,14 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
 
 
 def save_adapter(model, tokenizer, out_dir: Path, record: dict, state_dict: dict | None = None) -> Path:
-    """PEFT adapter + tokenizer + training_record.json, written beside and swapped in by rename."""
+    """PEFT adapter + tokenizer + training_record.json, written beside and swapped in by rename; the record gets
+    the adapter's own hash (record["adapter_sha256"]: fingerprint.folder_sha256 of the files as saved)."""
+    from .fingerprint import folder_sha256
+
     with staged_dir(out_dir) as tmp:  # the base's own layers stay with the base
         model.save_pretrained(tmp, save_embedding_layers=False, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
+        record["adapter_sha256"] = folder_sha256(tmp, cached=False)  # a staging path: nothing worth caching
         (tmp / "training_record.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str))
     return out_dir
 

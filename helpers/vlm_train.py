@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 
 from .data import IGNORE_INDEX, atomic_write_text, encode_messages
+from .fingerprint import file_sha256, folder_sha256, model_identity
 from .paths import Work
 from .train import (TrainConfig, TrainConfigError, _callbacks, _trainer_class, peak_memory_mb,
                     resolve_quantization, share_gpu, training_arguments)
@@ -282,13 +283,17 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
               "first_loss": metrics[0]["loss"] if metrics else None,
               "final_loss": metrics[-1]["loss"] if metrics else None,
               "peak_memory_mb": round(peak_memory_mb(), 1), "parameters": trainable_summary(model),
-              "hyper_parameters": config.hyper_parameters()}
+              "hyper_parameters": config.hyper_parameters(), "preset": config.preset,
+              "evaluation_inputs": config.evaluation_inputs, "data_sha256": file_sha256(data_file),
+              "image_sha256": file_sha256(image) if isinstance(image, (str, os.PathLike)) else None,
+              "model_identity": model_identity(model_dir)}  # what it started from, by content
     out = work.vlm_aligned_model if stage == 1 else work.vlm_adapter
     if stage == 1:
         save_vlm(model, processor, out)
         _save_projector(model, out / PROJECTOR_FILE)
     else:
         save_vlm(model, processor, out)  # the PEFT adapter (LoRA + projector) and the processor
+    record["aligned_model_sha256" if stage == 1 else "adapter_sha256"] = folder_sha256(out)
     atomic_write_text(out / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1, default=str))
     return record | {"output": str(out), "model": model, "processor": processor,
                      "evaluations": stage_evaluations(work, stage)}

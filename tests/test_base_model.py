@@ -16,6 +16,35 @@ def test_local_directory_is_checked_and_recorded(tmp_path, tiny_model_dir):
     assert base_model_path(w) == str(tiny_model_dir.resolve())
 
 
+def test_the_record_holds_the_base_models_identity_by_content(tmp_path, tiny_model_dir):
+    from helpers.base_model import base_model_identity
+    from helpers.fingerprint import model_identity
+
+    expected = model_identity(tiny_model_dir, cached=False)
+    w = work(tmp_path / "w")
+    prepare_base_model(str(tiny_model_dir), w)
+    identity = json.loads(w.model.joinpath("course_model.json").read_text())["identity"]
+    assert identity["source"] == tiny_model_dir.name and identity["architecture"] == "LlamaForCausalLM"
+    assert identity["content_sha256"] == expected["content_sha256"] and identity["parameters"] > 300_000
+    assert set(identity["files"]) >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert base_model_identity(w) == identity
+
+    # The tiny model notebook 00 builds (here: reused, same recipe) is recorded the same way, named "tiny".
+    t = work(tmp_path / "t")
+    shutil.copytree(tiny_model_dir, t.model)
+    prepare_base_model("tiny", t)
+    record = json.loads(t.model.joinpath("course_model.json").read_text())
+    assert record["kind"] == "tiny" and record["identity"]["source"] == "tiny"
+    assert record["identity"]["content_sha256"] == expected["content_sha256"]
+
+    # Weights changed in place: the same folder is another model.
+    weights = t.model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert base_model_identity(t)["content_sha256"] != expected["content_sha256"]
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_model_dir):
     """A local Hugging Face cache (HF_HUB_CACHE) holding course/tiny-chat as a snapshot, and the hub offline."""
@@ -41,7 +70,9 @@ def test_hub_id_resolves_to_its_cached_snapshot_everywhere(tmp_path, hub_cache):
     path = prepare_base_model("course/tiny-chat", w)
     assert path == hub_cache.resolve()
     record = json.loads(w.model.joinpath("course_model.json").read_text())
+    identity = record.pop("identity")
     assert record == {"kind": "hub", "id": "course/tiny-chat", "path": str(hub_cache.resolve())}
+    assert identity["source"] == "course/tiny-chat" and identity["path"] == str(hub_cache.resolve())
     assert base_model_path(w) == str(hub_cache.resolve())  # what 03, 04, 05 and homework load
     assert resolve_base_model("course/tiny-chat", w) == str(hub_cache.resolve())  # 02 given the same id
     assert resolve_base_model(None, w) == str(hub_cache.resolve())
