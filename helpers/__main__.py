@@ -17,12 +17,31 @@ COMMAND_MODULES = [
 ]
 
 
+def unknown_train_parameter(names: list[str]) -> str | None:
+    """`train -p NAME`: a name TrainConfig lacks, in one sentence with the closest field (the runner checks its own)."""
+    import dataclasses
+
+    from .parameters import closest_name
+    from .train import TrainConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for name in names:
+        if name not in fields:
+            guess = closest_name(name, fields)
+            return (f"-p {name}" + (f" (did you mean {guess}?)" if guess else "") + " is not a TrainConfig field; "
+                    f"fix the spelling or use one of notebook 02's training knobs: {', '.join(fields)}.")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_command(sub)
     args = parser.parse_args(argv)
+    if args.command == "train" and (error := unknown_train_parameter([n for n, _ in args.param])):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

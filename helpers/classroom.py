@@ -26,9 +26,12 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from .data import atomic_write_text
-from .notebooks import course_notebooks
+from .notebooks import course_notebooks, notebook_parameters
 from .paths import work as make_work
 from .progress import print_table
 
@@ -45,6 +48,8 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a directory nam
 SUMMARY_COLUMNS = ["student_id", "name", "status", "notebooks", "reason", "seconds", "attempts", "work_dir"]
 CHECK_COLUMNS = ["student_id", "name", "status", "checks", "reason", "seconds", "attempts", "work_dir"]
 LOGS = "_logs"  # inside the class directory; no student_id can start with "_"
+MAX_NAME = 1000  # characters: a name goes on a command line (--name=) and into every answer the model learns
+STOP_GRACE_S = 30  # after the first Ctrl-C, students still running this long are killed
 
 
 class ClassFileError(ValueError):
@@ -91,6 +96,13 @@ def read_class(csv_path: str | Path, known: set[str] | None = None) -> list[dict
                                  f"give every student their own id.")
         if not name:
             raise ClassFileError(f"{path}: line {line}: the name of {sid} is empty; write the student's name.")
+        control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise ClassFileError(f"{path}: line {line}: the name of {sid} holds the control character {control!r} "
+                                 f"(a line break, tab or NUL); write the name on one line without it.")
+        if len(name) > MAX_NAME:
+            raise ClassFileError(f"{path}: line {line}: the name of {sid} is {len(name)} characters long; shorten it "
+                                 f"to at most {MAX_NAME}.")
         seen[sid] = line
         params = {k: v for k, v in row.items() if k in extra and v != ""}
         students.append({"student_id": sid, "name": name, "params": {"name": name, **params}})
@@ -156,39 +168,109 @@ def _read_status(task: Task) -> dict:
         return {"state": "queued", "notebook": "", "done": 0, "attempt": 0}
 
 
-def run_task(task: Task, gpu: str | None = None) -> dict:
-    """Run one student's command in its own process, retrying once on failure: exit code, attempts, times."""
+def signal_tree(pid: int, sig: int) -> None:
+    """`sig` to a student's process group and to the groups of every process below it (a notebook's kernel starts
+    a session of its own)."""
+    groups = {pid}
+    try:
+        import psutil  # ipykernel's own dependency
+
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except OSError:
+                pass
+    except Exception:  # psutil missing or the student already gone: its own group still gets the signal
+        pass
+    groups.discard(os.getpgrp())  # never the class run itself
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except OSError:
+            pass
+
+
+class Stop:
+    """A class run's stop switch, thrown by the teacher's first Ctrl-C: no student starts after it, the running
+    ones are stopped (their whole process tree), and nothing is retried."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._lock = threading.RLock()  # re-entered when a second Ctrl-C lands while the first is stopping students
+        self._running: set = set()
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen | None:
+        """The student's process in a session of its own, so only the class run hears the terminal's Ctrl-C;
+        None once the run is stopping."""
+        with self._lock:
+            if self.requested.is_set():
+                return None
+            proc = subprocess.Popen(argv, start_new_session=True, **kw)
+            self._running.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Throw the switch and send `sig` to every running student; returns how many were running."""
+        with self._lock:
+            self.requested.set()
+            running = list(self._running)
+        for proc in running:
+            signal_tree(proc.pid, sig)
+        return len(running)
+
+
+def run_task(task: Task, gpu: str | None = None, stop: Stop | None = None) -> dict:
+    """Run one student's command in its own process, retrying once on failure: exit code, attempts, times.
+    `stop`: the class run's switch; once thrown, the student is stopped and not retried ("interrupted")."""
+    stop = stop or Stop()  # on a Slurm node: the job's own, never thrown (cancelling the job ends this call)
     env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     started = time.time()
     Path(task.log).parent.mkdir(parents=True, exist_ok=True)
+    attempt, attempt_started, notebook, done, last, code = 0, 0.0, "", 0, "", None
     for attempt in range(1, task.attempts + 1):
+        proc = stop.popen(task.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          encoding="utf-8", errors="replace")
+        if proc is None:
+            attempt -= 1
+            break
         attempt_started, notebook, done, last = time.time(), "", 0, ""
         _write_status(task, state="running", notebook="", done=0, attempt=attempt)
         with open(task.log, "a", encoding="utf-8") as log:
             where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""  # ours or Slurm's
-            log.write(f"=== attempt {attempt} of {task.attempts}{where}: {' '.join(task.argv)}\n")
+            log.write(f"=== attempt {attempt} of {task.attempts}{where} (pid {proc.pid}): {' '.join(task.argv)}\n")
             log.flush()
-            proc = subprocess.Popen(task.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    text=True, encoding="utf-8", errors="replace")
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                last = line.strip() or last
-                m = RUNNING.match(line)
-                if m:
-                    done, notebook = done + bool(notebook), m.group(1)
-                    _write_status(task, state="running", notebook=notebook, done=done, attempt=attempt)
-            code = proc.wait()
-            log.write(f"=== exit code {code}\n")
-        if code in task.final_codes or attempt == task.attempts:
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    last = line.strip() or last
+                    m = RUNNING.match(line)
+                    if m:
+                        done, notebook = done + bool(notebook), m.group(1)
+                        _write_status(task, state="running", notebook=notebook, done=done, attempt=attempt)
+                code = proc.wait()
+            except BaseException:  # this call itself was stopped (a cancelled Slurm job): the student goes with it
+                signal_tree(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+            finally:
+                stop.finished(proc)
+            log.write(f"=== exit code {code}" + (" (stopped: the class run was interrupted)\n"
+                                                  if stop.requested.is_set() else "\n"))
+        if code in task.final_codes or attempt == task.attempts or stop.requested.is_set():
             break
         _write_status(task, state="retrying", notebook=notebook, done=done, attempt=attempt)
-    _write_status(task, state="passed" if code == 0 else "FAILED", notebook=notebook,
-                  done=task.total if code == 0 else done, attempt=attempt)
-    return {"code": code, "attempts": attempt, "seconds": time.time() - started,
-            "attempt_started": attempt_started, "last_line": last}
+    interrupted = stop.requested.is_set() and code not in task.final_codes
+    state = "interrupted" if interrupted else "passed" if code == 0 else "FAILED"
+    _write_status(task, state=state, notebook=notebook, done=task.total if code == 0 else done, attempt=attempt)
+    return {"code": code, "attempts": attempt, "seconds": time.time() - started, "attempt_started": attempt_started,
+            "last_line": last, "interrupted": interrupted}
 
 
 # ---------------------------------------------------------------- the live table
@@ -226,20 +308,62 @@ class LiveTable:
             bar.close()
 
 
-def _watch(tasks: list[Task], handles: list, table: LiveTable) -> list[dict]:
-    """Redraw the table until every future/job is done; then their results (a crash becomes a result too)."""
+class CtrlC:
+    """The teacher's Ctrl-C during a class run: the first is noted (the run stops its students and writes its
+    summary), the second calls `at_once` and quits on the spot."""
+
+    def __init__(self, at_once):
+        self.at_once, self.pressed, self._previous = at_once, threading.Event(), None
+
+    def __enter__(self) -> "CtrlC":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt there
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed.is_set():
+            self.at_once()
+            os.write(2, b"\nCtrl-C again: stopped at once; no summary written.\n")
+            os._exit(130)
+        self.pressed.set()
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+INTERRUPTED = {"code": None, "attempts": 0, "seconds": 0.0, "attempt_started": 0.0, "last_line": "", "interrupted": True}
+
+
+def _watch(tasks: list[Task], handles: list, table: LiveTable, ctrl_c: CtrlC, stop_all, force=None) -> list[dict]:
+    """Redraw the table until every future/job is done; then their results (a crash becomes a result too).
+    After a Ctrl-C, `stop_all()` stops the students (it returns whether to wait for them to end; `force()` kills
+    those still running after STOP_GRACE_S), and a student stopped or never started is "interrupted"."""
+    stopped_at = None
     try:
         while True:
+            if ctrl_c.pressed.is_set() and stopped_at is None:
+                stopped_at = time.time()
+                if not stop_all():
+                    break
             finished = all(h.done() for h in handles)
             for t in tasks:
                 table.update(t, _read_status(t))
             if finished:
                 break
+            if stopped_at is not None and force is not None and time.time() - stopped_at > STOP_GRACE_S:
+                force()
+                force = None
             time.sleep(1)
     finally:
         table.close()
     results = []
     for h in handles:
+        if stopped_at is not None and (h.cancelled() or not h.done()):
+            results.append(dict(INTERRUPTED))
+            continue
         try:
             results.append(h.result())
         except Exception as e:  # a job Slurm killed or could not start: that student's failure only
@@ -282,15 +406,32 @@ def run_local(tasks: list[Task], workers: int) -> list[dict]:
     shared = f" ({sharing} per GPU, each with {0.95 / sharing:.0%} of its memory)" if sharing > 1 else ""
     print(f"{len(tasks)} students, {workers} at a time on {where}{shared}", flush=True)
 
+    stop = Stop()
+
     def one(task: Task) -> dict:
         gpu = slots.get()
         try:
-            return run_task(task, gpu)
+            return run_task(task, gpu, stop)
         finally:
             slots.put(gpu)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return _watch(tasks, [pool.submit(one, t) for t in tasks], LiveTable(tasks))
+    def stop_all() -> bool:
+        waiting = sum(f.cancel() for f in futures)
+        running = stop.stop()
+        print(f"\nCtrl-C: stopping the {running} running student(s); {waiting} waiting will not start "
+              f"(Ctrl-C again quits at once).", flush=True)
+        return True
+
+    pool, futures = ThreadPoolExecutor(max_workers=workers), []
+    try:
+        with CtrlC(lambda: stop.stop(signal.SIGKILL)) as ctrl_c:
+            futures = [pool.submit(one, t) for t in tasks]
+            return _watch(tasks, futures, LiveTable(tasks), ctrl_c, stop_all, lambda: stop.stop(signal.SIGKILL))
+    except BaseException:
+        stop.stop(signal.SIGKILL)  # whatever ends the run early, no student outlives it
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -330,11 +471,21 @@ def run_slurm(tasks: list[Task], options: SlurmOptions, folder: Path) -> list[di
     jobs = executor.map_array(run_task, tasks)
     print(f"{len(tasks)} students submitted as Slurm job array {jobs[0].job_id.split('_')[0]} "
           f"({options.gpus} GPU each, at most {options.max_parallel} at once); logs: {folder}", flush=True)
-    try:
-        return _watch(tasks, jobs, LiveTable(tasks))
-    except KeyboardInterrupt:
+    def cancel() -> None:
         for job in jobs:
             job.cancel(check=False)
+
+    def stop_all() -> bool:
+        cancel()
+        print(f"\nCtrl-C: cancelled job array {jobs[0].job_id.split('_')[0]}; its running students are stopped, "
+              f"the waiting ones will not start.", flush=True)
+        return False  # Slurm's accounting may take minutes to agree: do not wait for it
+
+    try:
+        with CtrlC(cancel) as ctrl_c:
+            return _watch(tasks, jobs, LiveTable(tasks), ctrl_c, stop_all)
+    except BaseException:
+        cancel()
         raise
 
 
@@ -384,19 +535,24 @@ def with_engine(command, args, *positional, **keywords) -> int:
 
 def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: dict | None = None,
               workers: int = 1, slurm: SlurmOptions | None = None) -> int:
-    """Run the course for every student; print and save the summary. Returns 0 when all passed, else 1."""
+    """Run the course for every student; print and save the summary. Returns 0 when all passed, 130 when a
+    Ctrl-C stopped the run, else 1."""
     students = _class_to_run(csv_path, workers, slurm)
     if students is None:
         return 2
     notebooks = course_notebooks(only)
+    declared = notebook_parameters()
+    selected = {name for nb in notebooks for name in declared[nb.name[:2]]}
     root = class_root(work_dir)
     logs = root / LOGS / "run"
     tasks = []
     for student in students:
         sid = student["student_id"]
         params_file = logs / f"{sid}.yaml"  # also how to re-run one student by hand: run --work-dir DIR -f FILE
-        atomic_write_text(params_file, yaml.safe_dump({**(params or {}), **student["params"]}, allow_unicode=True,
-                                                      sort_keys=False))
+        settings = {**(params or {}), **student["params"]}
+        if only:  # the run refuses parameters of notebooks it leaves out (the CSV's name, for --only 02)
+            settings = {k: v for k, v in settings.items() if k in selected}
+        atomic_write_text(params_file, yaml.safe_dump(settings, allow_unicode=True, sort_keys=False))
         argv = [sys.executable, "-m", "helpers", "run", "--work-dir", str(_student_work(root, sid).root),
                 "-f", str(params_file)] + (["--only", ",".join(nb.stem for nb in notebooks)] if only else [])
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
@@ -407,11 +563,13 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
     rows = []
     for task, r in zip(tasks, results):
         work = _student_work(root, task.student_id)
-        ran, reason = failure_reason(work, notebooks, r["attempt_started"] - 1)
+        ran, reason = failure_reason(work, notebooks, r["attempt_started"] - 1) if r["attempts"] else (0, "")
         passed = r["code"] == 0 and not reason
         if not passed and (r.get("error") or not reason or reason.endswith("did not run")):
             reason = r.get("error") or r["last_line"] or reason or f"exit code {r['code']}"
-        rows.append({"student_id": task.student_id, "name": task.name, "status": "passed" if passed else "FAILED",
+        if r.get("interrupted"):  # the notebook it was in is half run: count only those it finished
+            ran, reason = min(ran, _read_status(task).get("done", 0)), _interrupted_reason(r)
+        rows.append({"student_id": task.student_id, "name": task.name, "status": _status(r, passed),
                      "notebooks": f"{ran}/{len(notebooks)}", "reason": "" if passed else reason,
                      "seconds": f"{r['seconds']:.1f}", "attempts": r["attempts"], "work_dir": str(work.root)})
     return _finish(root, "class_summary", "class summary", SUMMARY_COLUMNS, rows)
@@ -429,7 +587,7 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
     for student in students:
         sid = student["student_id"]
         argv = [sys.executable, "-m", "helpers", "homework", "check", str(_student_work(root, sid).root),
-                "--name", student["name"], "--json", str(logs / f"{sid}.json")]
+                f"--name={student['name']}", "--json", str(logs / f"{sid}.json")]  # '=': a name may start with '-' 
         argv += ["--publish"] * publish + ["--trust-results"] * trust_results + (["--skip", skip] if skip else [])
         (logs / f"{sid}.json").unlink(missing_ok=True)
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
@@ -447,18 +605,32 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
         passed = r["code"] == 0 and checks is not None and not failed
         reason = ("; ".join(f"{c['name']}: {c['reason']}" for c in failed) if checks is not None
                   else r.get("error") or r["last_line"] or f"exit code {r['code']}")
-        rows.append({"student_id": task.student_id, "name": task.name, "status": "passed" if passed else "FAILED",
+        if r.get("interrupted"):
+            reason = _interrupted_reason(r)
+        rows.append({"student_id": task.student_id, "name": task.name, "status": _status(r, passed),
                      "checks": f"{sum(c['status'] == 'PASS' for c in checks or [])}/{len(checks or [])}",
                      "reason": "" if passed else reason, "seconds": f"{r['seconds']:.1f}", "attempts": r["attempts"],
                      "work_dir": str(_student_work(root, task.student_id).root)})
     return _finish(root, "class_check", "class check", CHECK_COLUMNS, rows)
 
 
+def _status(result: dict, passed: bool) -> str:
+    return "interrupted" if result.get("interrupted") else "passed" if passed else "FAILED"
+
+
+def _interrupted_reason(result: dict) -> str:
+    return ("stopped" if result["attempts"] else "not started") + ": the class run was interrupted (Ctrl-C)"
+
+
 def _finish(root: Path, stem: str, title: str, columns: list[str], rows: list[dict]) -> int:
-    print(f"\n=== {title} ({sum(r['status'] == 'passed' for r in rows)} of {len(rows)} passed)")
+    interrupted = sum(r["status"] == "interrupted" for r in rows)
+    print(f"\n=== {title} ({sum(r['status'] == 'passed' for r in rows)} of {len(rows)} passed"
+          + (f", {interrupted} interrupted)" if interrupted else ")"))
     print_table(columns, [[r[c] for c in columns] for r in rows])
     save_summary(root, rows, columns, stem)
     print(f"\nsummary: {root / (stem + '.csv')}\n         {root / (stem + '.md')}\nlogs:    {root / LOGS}")
+    if interrupted:
+        return 130  # what a shell reports for a command ended by Ctrl-C
     return 0 if all(r["status"] == "passed" for r in rows) else 1
 
 

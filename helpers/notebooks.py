@@ -27,6 +27,13 @@ def course_notebooks(only: list[str] | None = None) -> list[Path]:
     return books
 
 
+def notebook_parameters() -> dict[str, list[str]]:
+    """Each course notebook's number -> the parameters its first code cell declares."""
+    import papermill as pm
+
+    return {nb.name[:2]: list(pm.inspect_notebook(str(nb))) for nb in course_notebooks()}
+
+
 def sources() -> list[Path]:
     return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 

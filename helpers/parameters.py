@@ -89,3 +89,60 @@ def check_value(name: str, value, kind, *, minimum=None, above=None, maximum=Non
                 raise error(f"{name}[{i}] is {item!r} ({type(item).__name__}); every item must be "
                             f"{_describe(items)}.")
     return float(value) if kinds == (float,) and isinstance(value, int) else value
+
+
+# ---------------------------------------------------------------- names: a misspelt or left-out parameter
+# Names people bring from other tools; difflib cannot guess that learning_rate means lr.
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
+    "accumulative_counts": "gradient_accumulation", "max_seq_length": "max_length", "r": "lora_r",
+    "lora_rank": "lora_r", "eval_steps": "evaluation_freq", "pretrained_model_name_or_path": "base_model",
+    "model_name_or_path": "base_model", "model": "base_model", "output_dir": "work_dir",
+}
+
+
+def closest_name(name: str, known) -> str | None:
+    """The known parameter a wrong name most likely meant (a name from another tool, a typo, other case)."""
+    import difflib
+
+    known = list(known)
+    if name.lower() in known:
+        return name.lower()
+    aliases = {other: ours for other, ours in OTHER_TOOLS_NAMES.items() if ours in known}
+    close = difflib.get_close_matches(name.lower(), known + list(aliases), n=1, cutoff=0.6)
+    return aliases.get(close[0], close[0]) if close else None
+
+
+def check_names(given: dict[str, str], declared: dict[str, list[str]], selected: list[str]) -> None:
+    """Refuse, before anything runs, a parameter (name -> where it came from: "-p" or a file) that no notebook
+    declares, or that only notebooks --only leaves out declare; one sentence naming each and the fix."""
+    owners: dict[str, list[str]] = {}
+    for notebook, names in declared.items():
+        for name in names:
+            owners.setdefault(name, []).append(notebook)
+
+    def where(name: str) -> str:
+        return f"-p {name}" if given[name] == "-p" else f"{given[name]}: {name}"
+
+    if "work_dir" in given:
+        raise ParameterError(f"{where('work_dir')}: the work directory is given with --work-dir; use --work-dir DIR instead.")
+    unknown = [n for n in given if n not in owners]
+    if unknown:
+        named = []
+        for name in unknown:
+            guess = closest_name(name, owners)
+            guess = "--work-dir" if guess == "work_dir" else guess
+            named.append(where(name) + (f" (did you mean {guess}?)" if guess else ""))
+        listing = "; ".join(f"{nb}: {', '.join(n for n in names if n != 'work_dir')}" for nb, names in declared.items())
+        verb = "is not a parameter of any notebook" if len(unknown) == 1 else "are not parameters of any notebook"
+        raise ParameterError(f"{' and '.join(named)} {verb}; fix the spelling or drop "
+                             f"{'it' if len(unknown) == 1 else 'them'} (each notebook's parameters are in its first "
+                             f"code cell: {listing}).")
+    left_out = [n for n in given if not set(owners[n]) & set(selected)]
+    if left_out:
+        named = [f"{where(n)} is a parameter of {', '.join(owners[n])}" for n in left_out]
+        single = all(len(owners[n]) == 1 for n in left_out)
+        books = ", ".join(sorted({owners[n][0] for n in left_out})) if single else "one of those notebooks"
+        raise ParameterError(f"{' and '.join(named)}, which --only leaves out; add {books} to --only "
+                             f"or drop {'it' if len(left_out) == 1 else 'them'}.")

@@ -34,6 +34,13 @@ def run_course(work_dir=None, only=None, params: dict | None = None, quiet: bool
     """Execute the notebooks; stop at the first failure, naming notebook, cell and error. Returns 0 or 1."""
     import papermill as pm
 
+    from .publish import PublishError, refuse_credentials
+
+    try:  # papermill writes every parameter into the executed notebook: a token in a URL must stop here
+        refuse_credentials(params or {})
+    except PublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     _readable_parameters()
     work = make_work(work_dir)
     work.executed.mkdir(parents=True, exist_ok=True)
@@ -93,17 +100,22 @@ def add_command(sub) -> None:
 
 
 def _run(args) -> int:
-    params = {}
-    if args.params_file:
-        from .parameters import ParameterError, read_params_file
+    from .notebooks import notebook_parameters
+    from .parameters import ParameterError, check_names, read_params_file
 
-        try:
-            params.update(read_params_file(args.params_file))
-        except ParameterError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    params.update(dict(args.param))
+    params, given = {}, {}
     only = args.only.split(",") if args.only else None
+    try:
+        if args.params_file:
+            params.update(read_params_file(args.params_file))
+            given.update(dict.fromkeys(params, str(args.params_file)))
+        params.update(dict(args.param))
+        given.update(dict.fromkeys(dict(args.param), "-p"))
+        # before any notebook runs: a misspelt name would otherwise be dropped without a word
+        check_names(given, notebook_parameters(), [nb.name[:2] for nb in course_notebooks(only)])
+    except ParameterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.class_file:
         return with_engine(run_class, args, args.class_file, args.work_dir, only, params)
     return run_course(args.work_dir, only, params)

@@ -107,3 +107,74 @@ def test_publish_settings_are_checked_in_one_sentence(tmp_path):
     with pytest.raises(PublishError, match=r"^app_title is \['a'\] \(list\)"):
         build_app_bundle(w, "file:///tmp/x.git", title=["a"])
     assert not w.app.exists() and not w.model_repo.exists()
+
+
+# ---------------------------------------------------------------- a misspelt or left-out -p / -f name
+def helpers_command(*args):
+    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("wrong, meant", [("learning_rate", "lr"), ("LR", "lr"), ("repeat", "repeats"),
+                                          ("num_train_epochs", "epochs"), ("lora_rank", "lora_r")])
+def test_the_closest_known_name_is_suggested(wrong, meant):
+    from helpers.parameters import closest_name
+
+    assert closest_name(wrong, ["lr", "repeats", "epochs", "lora_r", "lora_alpha", "name"]) == meant
+
+
+def test_a_name_like_nothing_known_gets_no_guess():
+    from helpers.parameters import closest_name
+
+    assert closest_name("colour", ["lr", "repeats"]) is None
+
+
+def test_a_misspelt_p_stops_the_run_before_any_notebook(tmp_path):
+    r = helpers_command("run", "--work-dir", str(tmp_path / "w"), "--only", "02", "-p", "learning_rate", "1e-4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: -p learning_rate (did you mean lr?) is not a parameter of any notebook;")
+    assert "02: preset, base_model" in r.stderr and ", lr, " in r.stderr  # where the parameters are
+    assert not (tmp_path / "w" / "executed").exists()
+
+
+def test_a_misspelt_name_in_a_parameter_file_is_named_with_its_file(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("lr: 1e-4\nlearning_rate: 1e-4\nrepeatz: 40\n", encoding="utf-8")
+    r = helpers_command("run", "--work-dir", str(tmp_path / "w"), "--only", "01,02", "-f", str(params))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: {params}: learning_rate (did you mean lr?) and {params}: repeatz "
+                               "(did you mean repeats?) are not parameters of any notebook;")
+    assert not (tmp_path / "w" / "executed").exists()
+
+
+def test_a_parameter_of_a_notebook_only_leaves_out_is_reported(tmp_path):
+    r = helpers_command("run", "--work-dir", str(tmp_path / "w"), "--only", "02", "-p", "lr", "1e-4",
+                        "-p", "repeats", "40")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr == "error: -p repeats is a parameter of 01, which --only leaves out; add 01 to --only or drop it.\n"
+    params = tmp_path / "params.yaml"
+    params.write_text("system: 你好\n", encoding="utf-8")
+    r = helpers_command("run", "--work-dir", str(tmp_path / "w"), "--only", "00,03", "-f", str(params))
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {params}: system is a parameter of 01, 02, 04, 05, which --only leaves out;")
+    assert not (tmp_path / "w" / "executed").exists()
+
+
+def test_work_dir_as_a_parameter_points_to_the_flag(tmp_path):
+    r = helpers_command("run", "--work-dir", str(tmp_path / "w"), "--only", "00", "-p", "work_dir", str(tmp_path))
+    assert r.returncode == 2 and "use --work-dir DIR instead" in r.stderr
+    assert not (tmp_path / "w" / "executed").exists()
+
+
+def test_a_class_run_checks_its_p_names_too(tmp_path):
+    students = tmp_path / "students.csv"
+    students.write_text("student_id,name\ns01,Ada\n", encoding="utf-8")
+    r = helpers_command("run", "--class", str(students), "--work-dir", str(tmp_path / "class"), "--only", "00",
+                        "-p", "lerning_rate", "1e-4")
+    assert r.returncode == 2 and "-p lerning_rate (did you mean lr?)" in r.stderr
+    assert not (tmp_path / "class").exists()
+
+
+def test_the_train_command_suggests_the_closest_field(tmp_path):
+    r = helpers_command("train", "--work-dir", str(tmp_path / "w"), "-p", "learning_rate", "1e-4")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: -p learning_rate (did you mean lr?) is not a TrainConfig field;")

@@ -46,3 +46,17 @@ def test_failure_names_notebook_and_cell_and_keeps_it(tmp_path):
 def test_unknown_notebook_number_is_refused(tmp_path):
     r = run("--work-dir", str(tmp_path), "--only", "42")
     assert r.returncode != 0 and "--only names ['42']" in r.stderr
+
+
+def test_a_class_run_with_only_hands_each_student_only_the_selected_notebooks_parameters(tmp_path, tiny_model_dir):
+    """The CSV's name belongs to 01: a class run of --only 00 must not hand it on, or the student's run refuses it."""
+    import yaml
+
+    students = tmp_path / "students.csv"
+    students.write_text("student_id,name,repeats\ns01,Ada,40\n", encoding="utf-8")
+    r = run("--class", str(students), "--work-dir", str(tmp_path / "class"), "--only", "00",
+            "-p", "base_model", str(tiny_model_dir))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    handed = yaml.safe_load((tmp_path / "class" / "_logs" / "run" / "s01.yaml").read_text(encoding="utf-8"))
+    assert handed == {"base_model": str(tiny_model_dir)}
+    assert (tmp_path / "class" / "s01" / "executed" / "00_environment.ipynb").exists()
