@@ -15,7 +15,7 @@ from pathlib import Path
 from .paths import staged_dir
 
 CONVERSION_RECORD = "converted_from_internlm2.json"
-CONVERSION_VERSION = 2  # 2: the tokenizer built from tokenizer.model with InternLM2's ids
+CONVERSION_VERSION = 3  # 2: the tokenizer built from tokenizer.model with InternLM2's ids; 3: special ids agree
 # Per-layer tensors: InternLM2 name -> Llama name (wqkv is split separately).
 LAYER_RENAMES = {
     "attention.wo": "self_attn.o_proj",
@@ -223,8 +223,13 @@ def _convert_tokenizer(src: Path, dst: Path) -> None:
     eos = eos if isinstance(eos, list) else [eos]
     if tokenizer.chat_template:  # a chat model: its end-of-turn token must stop generation
         eos += [i for i in stop_token_ids(tokenizer) if i not in eos]
-    generation.eos_token_id = eos
+    generation.eos_token_id = eos + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in eos + [None] else [])
+    generation.bos_token_id, generation.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     generation.save_pretrained(str(dst))
+    # config.json names the tokenizer's special ids too: else the Trainer rewrites it before training, with a warning
+    config = json.loads((dst / "config.json").read_text())
+    config |= {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def convert_internlm2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -69,3 +69,32 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
                 f"{eot!r} (id {ids[0]}); add {ids[0]} to eos_token_id there, or the model will ramble on."
             )
     return ids
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def align_special_ids(model, tokenizer) -> dict:
+    """Let the model's config and generation_config name the tokenizer's special ids, as transformers' Trainer does
+    before training; where a base's files disagree, say so in one line (the Trainer's warning reads like an error).
+    Returns the ids that changed. The generation_config keeps its stop ids, so answers still end at the turn's end."""
+    from transformers.trainer_utils import align_special_tokens
+    from transformers.utils import logging
+
+    def named():
+        generation = getattr(model, "generation_config", None)
+        listed = lambda v: [v] if isinstance(v, int) else v  # noqa: E731 (the Trainer turns an int eos into a list)
+        return {k: (getattr(model.config, k, None), listed(getattr(generation, k, None))) for k in SPECIAL_IDS}
+
+    before, level = named(), logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        align_special_tokens(model, tokenizer)  # the Trainer's own alignment, so it finds nothing left to change
+    finally:
+        logging.set_verbosity(level)
+    changed = {k: getattr(tokenizer, k) for k, ids in named().items() if ids != before[k]}
+    if changed:
+        print(f"note: the base model's config named other special ids than its tokenizer; training uses the "
+              f"tokenizer's ({', '.join(f'{k} {v}' for k, v in changed.items())}), and answers still stop at "
+              f"{end_of_turn_token(tokenizer)}.")
+    return changed

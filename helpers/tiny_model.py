@@ -17,7 +17,7 @@ from .template import INTERNLM2_CHAT_TEMPLATE, END_OF_TURN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", END_OF_TURN, "<image>"]
 CJK_CHARACTER = r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]"  # CJK scripts, symbols and full-width forms
-BUILD_VERSION = 3  # bump when the recipe below changes, so cached builds are rebuilt
+BUILD_VERSION = 4  # bump when the recipe below changes, so cached builds are rebuilt
 RECORD_FILE = "course_model.json"
 
 # The base model's own, generic identity; the fine-tune replaces it with the personal one.
@@ -68,6 +68,8 @@ def _pretrain(model, tokenizer, steps: int, seed: int, lr: float = 3e-3, batch_s
     """Full-parameter training on the general-chat set, so the head and embeddings mean something."""
     import torch
 
+    from .progress import tqdm
+
     examples = [encode_messages(tokenizer, c) for c in _pretraining_conversations()]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -75,7 +77,8 @@ def _pretrain(model, tokenizer, steps: int, seed: int, lr: float = 3e-3, batch_s
     pad = tokenizer.pad_token_id
     losses = []
     model.train()
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="pre-training the tiny model", unit="step")
+    for step in bar:
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         width = max(len(e["input_ids"]) for e in batch)
         ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in batch])
@@ -86,6 +89,9 @@ def _pretrain(model, tokenizer, steps: int, seed: int, lr: float = 3e-3, batch_s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad()
         losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.2f}")
+    bar.close()
     model.eval()
     return losses
 
@@ -102,14 +108,19 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 4
     if not force and record.exists():
         old = json.loads(record.read_text())
         if {k: old.get(k) for k in recipe} == recipe:
+            print(f"The tiny model in {out_dir} was built earlier with the same recipe and seed: reusing it.")
             return out_dir
+    print(f"Building the course's tiny chat model in {out_dir}: a byte-level BPE tokenizer and a "
+          f"{TINY_CONFIG['num_hidden_layers']}-layer Llama, pre-trained for {pretrain_steps} steps on the kit's "
+          "general chat set on the CPU (a minute or two; the bar shows the time left). It is built once and reused.",
+          flush=True)
     torch.manual_seed(seed)
     random.seed(seed)
     tokenizer = build_tokenizer()
     stop_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    # config and tokenizer name one eos, as InternLM2's do (else the Trainer rewrites the config, with a warning)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=[tokenizer.eos_token_id, stop_id], pad_token_id=tokenizer.pad_token_id,
-                         **TINY_CONFIG)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
     model = LlamaForCausalLM(config)
     losses = _pretrain(model, tokenizer, pretrain_steps, seed)
     model.generation_config = GenerationConfig(

@@ -25,6 +25,7 @@ from .data import IGNORE_INDEX, DataError, atomic_write_text, encode_messages, f
 from .paths import Work, staged_dir
 from .progress import headless
 from .progress import tqdm as progress_bar
+from .template import align_special_ids
 
 
 class TrainConfigError(ValueError):
@@ -972,6 +973,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
                           else math.ceil(len(rows) / per_update * (config.epochs or 1)))
     EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
     args = training_arguments(rank_config, work.checkpoints, plan)
+    align_special_ids(model, tokenizer)  # one line, not the Trainer's warning, where a base's files disagree
     trainer = _trainer_class()(model=model, args=args, train_dataset=rows,
                                data_collator=make_collator(tokenizer, model), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
