@@ -15,6 +15,53 @@ from .template import TemplateError, stop_token_ids
 from .terminal import run_cli
 
 
+CHAT_DEFAULTS_FILE = "chat_defaults.json"  # beside a model: the system prompt it was trained with
+
+
+class ChatError(RuntimeError):
+    """The model could not answer; the message says why in one sentence."""
+
+
+def trained_system_prompt(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> str | None:
+    """The system prompt the model was trained with: the adapter's training_record.json (hyper_parameters.system),
+    else the model folder's chat_defaults.json (what merge writes) or training_record.json; None when none says."""
+    import json
+
+    for folder in [adapter, model_dir] if adapter else [model_dir]:
+        for name, keys in ((CHAT_DEFAULTS_FILE, ("system",)), ("training_record.json", ("hyper_parameters", "system"))):
+            path = Path(folder) / name
+            if not path.is_file():
+                continue
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))
+                for key in keys:
+                    value = value[key]
+            except (ValueError, KeyError, TypeError):
+                raise ModelPathError(f"{path}: has no readable '{'.'.join(keys)}' field; fix or delete the file "
+                                     "(or pass the system prompt with --system).") from None
+            if not isinstance(value, str):
+                raise ModelPathError(f"{path}: '{'.'.join(keys)}' is {value!r}, not text; write the system "
+                                     "prompt as a string.")
+            return value
+    return None
+
+
+def write_chat_defaults(model_dir: str | os.PathLike, system: str) -> Path:
+    """MODEL/chat_defaults.json: the system prompt the model answers with by default (chat, web demo, app)."""
+    import json
+
+    path = Path(model_dir) / CHAT_DEFAULTS_FILE
+    path.write_text(json.dumps({"system": system}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def generation_problem(error: BaseException) -> str:
+    """One sentence for a failed answer: what went wrong, and that the turn was left out of the conversation."""
+    said = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"The model could not answer ({type(error).__name__}{': ' + said if said else ''}); the question was "
+            "not added to the conversation: try again, with fewer max new tokens, or reset the conversation.")
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 256
@@ -163,7 +210,7 @@ class ChatWidget:
     def __init__(self, session: ChatSession):
         import ipywidgets as w
 
-        self.session = session
+        self.session, self.error = session, None
         s = session.settings
         self.max_new_tokens = w.IntSlider(value=s.max_new_tokens, min=8, max=1024, step=8, description="max tokens")
         self.temperature = w.FloatSlider(value=s.temperature, min=0.0, max=1.5, step=0.05, description="temperature")
@@ -173,10 +220,10 @@ class ChatWidget:
         self.text = w.Text(placeholder="Type a message and press Enter", layout=w.Layout(width="70%"))
         self.send_button = w.Button(description="Send", button_style="primary")
         self.reset_button = w.Button(description="Reset")
-        self.send_button.on_click(lambda _: self.ask(self.text.value))
+        self.send_button.on_click(lambda _: self._send(self.text.value))
         self.reset_button.on_click(lambda _: self.reset())
         self.text.continuous_update = False
-        self.text.observe(lambda change: self.ask(change["new"]), names="value")
+        self.text.observe(lambda change: self._send(change["new"]), names="value")
         self.ui = w.VBox([w.HBox([self.max_new_tokens, self.temperature, self.top_p]), self.system,
                           self.transcript, w.HBox([self.text, self.send_button, self.reset_button])])
         self._render()
@@ -189,9 +236,10 @@ class ChatWidget:
             rows += [("user", pending), ("assistant", partial + " ▌")]
         note = (f"<p><i>({self.session.dropped} oldest turns left out: they no longer fit the model's context)</i></p>"
                 if self.session.dropped else "")
-        self.transcript.value = note + "".join(
-            f"<p><b>{'你' if role == 'user' else '助手'}:</b> {html.escape(text)}</p>" for role, text in rows) or \
-            "<i>(no messages yet)</i>"
+        error = f'<p style="color:#b00020"><b>error:</b> {html.escape(self.error)}</p>' if self.error else ""
+        self.transcript.value = (note + "".join(
+            f"<p><b>{'你' if role == 'user' else '助手'}:</b> {html.escape(text)}</p>" for role, text in rows) or
+            "<i>(no messages yet)</i>") + error
 
     def ask(self, text: str) -> str:
         """Send `text` as the Send button does (also callable from code), streaming into the transcript."""
@@ -201,15 +249,28 @@ class ChatWidget:
         self.text.value = ""
         self.session.system = self.system.value
         self.session.settings = GenerationSettings(self.max_new_tokens.value, self.temperature.value, self.top_p.value)
-        partial = ""
-        for piece in self.session.send(text):
-            partial += piece
-            self._render(text, partial)
+        partial, self.error = "", None
+        try:
+            for piece in self.session.send(text):
+                partial += piece
+                self._render(text, partial)
+        except Exception as e:  # shown in the transcript; the session keeps no half turn
+            self.error = generation_problem(e)
+            self._render()
+            raise ChatError(self.error) from None
         self._render()
         return self.session.history[-1]["content"]
 
+    def _send(self, text: str) -> None:
+        """What Send and Enter do: the error is already in the transcript, where the person looks."""
+        try:
+            self.ask(text)
+        except ChatError:
+            pass
+
     def reset(self) -> None:
         self.session.reset()
+        self.error = None
         self._render()
 
     def _ipython_display_(self):
@@ -236,7 +297,8 @@ def add_command(sub) -> None:
     p.add_argument("model_dir", nargs="?", default=None,
                    help="model directory (default: WORK/final_model; with --image WORK/vlm/final_model)")
     p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on top of MODEL_DIR")
-    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: the one the model was trained with; \"\" for none)")
     p.add_argument("--image", default=None, help="an image file: chat with a vision-language model about it")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -246,6 +308,8 @@ def add_command(sub) -> None:
     w.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
     w.add_argument("--port", type=int, default=8501)
     w.add_argument("--address", default="localhost", help="address to listen on (0.0.0.0: every interface)")
+    w.add_argument("--system", default=None,
+                   help="the sidebar's starting system prompt (default: the one the model was trained with)")
     w.set_defaults(func=_web)
 
 
@@ -255,33 +319,40 @@ def _chat(args) -> int:
     quiet_libraries()
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     try:
+        model_dir = args.model_dir or _default_model_dir(vlm=bool(args.image))
+        system = args.system
+        if system is None:  # the prompt the model was trained with, as notebooks 02-04 and the checker ask
+            system = trained_system_prompt(model_dir, None if args.image else args.adapter) or ""
+        where = "given with --system" if args.system is not None else "the one the model was trained with"
         if args.image:
             from . import vlm_chat
 
-            model_dir = args.model_dir or _default_model_dir(vlm=True)
-            return int(vlm_chat.run_cli(model_dir, args.image, args.system, max_new_tokens=args.max_new_tokens) or 0)
-        model_dir = args.model_dir or _default_model_dir()
+            print(f"system prompt: {system!r} ({where})", flush=True)
+            return int(vlm_chat.run_cli(model_dir, args.image, system, max_new_tokens=args.max_new_tokens) or 0)
         model, tokenizer = load_chat_model(model_dir, args.adapter)
         stop_token_ids(tokenizer, model.generation_config)
     except (ModelPathError, AdapterError, TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_cli(ChatSession(model, tokenizer, args.system, settings))
+    print(f"system prompt: {system!r} ({where})", flush=True)
+    return run_cli(ChatSession(model, tokenizer, system, settings))
 
 
-def web_command(model_dir, port: int = 8501, address: str = "localhost") -> list[str]:
-    """The streamlit command line that serves helpers/web_app.py for `model_dir`."""
+def web_command(model_dir, port: int = 8501, address: str = "localhost", system: str | None = None) -> list[str]:
+    """The streamlit command line that serves helpers/web_app.py for `model_dir` (system: the sidebar's starting
+    system prompt; None: the one the model was trained with, read by the page from the model folder)."""
     app = Path(__file__).with_name("web_app.py")
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
             "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none",  # a demo, not a dev server: do not scan transformers' modules
             "--client.toolbarMode", "minimal",
-            "--", "--model-dir", str(Path(model_dir).resolve())]
+            "--", "--model-dir", str(Path(model_dir).resolve()), *([f"--system={system}"] if system is not None else [])]
 
 
-def web_demo_transcript(model_dir, messages: list[str], system: str = ""):
+def web_demo_transcript(model_dir, messages: list[str], system: str | None = None):
     """Run the web demo (helpers/web_app.py) headless with streamlit's AppTest, type `messages` into its chat
-    box one by one, and return what the page shows: a DataFrame of (role, text), one row per chat bubble."""
+    box one by one, and return what the page shows: a DataFrame of (role, text), one row per chat bubble.
+    system: typed into the sidebar first (None: the page's default, the prompt the model was trained with)."""
     import pandas as pd
     from streamlit.testing.v1 import AppTest
 
@@ -295,7 +366,7 @@ def web_demo_transcript(model_dir, messages: list[str], system: str = ""):
     os.environ[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
     try:
         at = AppTest.from_file(str(Path(__file__).with_name("web_app.py")), default_timeout=600).run()
-        if system:
+        if system is not None:
             at.sidebar.text_area[0].set_value(system).run()
         for text in messages:
             at.chat_input[0].set_value(text).run()
@@ -320,5 +391,5 @@ def _web(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Serving the chat demo for {model_dir} at http://{args.address}:{args.port} (Ctrl+C stops it)", flush=True)
-    command = web_command(model_dir, args.port, args.address)
+    command = web_command(model_dir, args.port, args.address, args.system)
     os.execv(command[0], command)  # streamlit takes this process's place, so stopping it stops the server

@@ -28,8 +28,14 @@ def run_cli(session, stdin=None, stdout=None, about: str = "") -> int:
             print(f"(history cleared: {turns} turns forgotten)", file=stdout, flush=True)
             continue
         print("助手 >>> ", end="", file=stdout, flush=True)
-        for piece in session.send(text):
-            print(piece, end="", file=stdout, flush=True)
+        try:
+            for piece in session.send(text):
+                print(piece, end="", file=stdout, flush=True)
+        except Exception as e:  # one sentence, and the chat goes on: the session kept no half turn
+            from .chat import generation_problem
+
+            print(f"\nerror: {generation_problem(e)}", file=stdout, flush=True)
+            continue
         print(file=stdout, flush=True)
         if getattr(session, "dropped", 0):
             print(f"(the {session.dropped} oldest turns no longer fit the model's context and were left out; "

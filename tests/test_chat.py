@@ -250,3 +250,126 @@ def test_a_work_dirs_model_folder_that_records_a_real_base_loads_that_base(tmp_p
     (recorded / RECORD_FILE).write_text(json.dumps({"kind": "local", "path": str(tiny_model_dir)}))
     model, tokenizer = load_chat_model(recorded)
     assert Path(model.name_or_path) == Path(tiny_model_dir) and tokenizer is not None
+
+
+# --- the system prompt the model was trained with, and errors while answering ----------------------
+
+SYSTEM = "You are a helpful assistant."  # a prompt that changes the tiny model's answer to 你是谁 (asserted below)
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def fail_first_answer(monkeypatch, model) -> None:
+    """The model's next generate() raises as a GPU out of memory does; later ones answer."""
+    real, failed = model.generate, []
+
+    def generate(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError(OUT_OF_MEMORY)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_model_dir):
+    from helpers.chat import load_chat_model
+
+    return load_chat_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def trained_with_system(tiny_model_dir, tmp_path_factory):
+    """A model folder that records the system prompt it was trained with (chat_defaults.json, as merge writes it)."""
+    import shutil
+
+    from helpers.chat import write_chat_defaults
+
+    folder = tmp_path_factory.mktemp("system") / "final_model"
+    shutil.copytree(tiny_model_dir, folder)
+    write_chat_defaults(folder, SYSTEM)
+    return folder
+
+
+def test_trained_system_prompt_comes_from_the_adapter_or_the_model_folder(tmp_path):
+    import json
+
+    from helpers.base_model import ModelPathError
+    from helpers.chat import trained_system_prompt, write_chat_defaults
+
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    model.mkdir()
+    adapter.mkdir()
+    assert trained_system_prompt(model) is None  # nothing records one
+    write_chat_defaults(model, "from the model")
+    assert trained_system_prompt(model) == "from the model"
+    (adapter / "training_record.json").write_text(json.dumps({"hyper_parameters": {"system": "from training"}}))
+    assert trained_system_prompt(model, adapter) == "from training"  # base + adapter: the adapter's training says
+    write_chat_defaults(model, "")
+    assert trained_system_prompt(model) == ""  # trained with none is known, not unknown
+    (model / "chat_defaults.json").write_text("{not json")
+    with pytest.raises(ModelPathError, match=r"chat_defaults.json: has no readable 'system' field"):
+        trained_system_prompt(model)
+
+
+def test_cli_answers_with_the_trained_system_prompt(trained_with_system, tiny_chat):
+    from helpers.generation import generate_answers
+
+    course, bare = (generate_answers(*tiny_chat, ["你是谁"], system=s, max_new_tokens=32)[0] for s in (SYSTEM, ""))
+    assert course != bare  # the prompt changes the answer, so the served answer tells which prompt it had
+    result = run_chat_cli([trained_with_system, "--max-new-tokens", "32"], "你是谁\n")
+    assert result.returncode == 0, result.stderr
+    assert f"system prompt: {SYSTEM!r}" in result.stdout and f"助手 >>> {course}\n" in result.stdout
+    result = run_chat_cli([trained_with_system, "--max-new-tokens", "32", "--system", ""], "你是谁\n")
+    assert result.returncode == 0, result.stderr
+    assert f"助手 >>> {bare}\n" in result.stdout
+
+
+def test_cli_with_an_adapter_takes_the_system_prompt_it_was_trained_with(tiny_model_dir, tmp_path):
+    import json
+
+    from helpers.chat import ChatSession, GenerationSettings, load_chat_model
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3, scale=0.02)
+    (adapter / "training_record.json").write_text(json.dumps({"hyper_parameters": {"system": SYSTEM}}))
+    model, tokenizer = load_chat_model(tiny_model_dir, adapter)
+    expected = ChatSession(model, tokenizer, SYSTEM, GenerationSettings(32)).ask("你是谁")
+    assert expected != ChatSession(model, tokenizer, "", GenerationSettings(32)).ask("你是谁")
+    result = run_chat_cli([tiny_model_dir, "--adapter", adapter, "--max-new-tokens", "32"], "你是谁\n")
+    assert result.returncode == 0, result.stderr
+    assert f"助手 >>> {expected}\n" in result.stdout
+
+
+def test_cli_names_a_generation_error_and_goes_on(tiny_chat, monkeypatch):
+    import io
+
+    from helpers.chat import ChatSession, GenerationSettings, run_cli
+
+    model, tokenizer = tiny_chat
+    expected = ChatSession(model, tokenizer, settings=GenerationSettings(16)).ask("你是谁")
+    fail_first_answer(monkeypatch, model)
+    session = ChatSession(model, tokenizer, settings=GenerationSettings(16))
+    out = io.StringIO()
+    assert run_cli(session, stdin=io.StringIO("你是谁\n你是谁\nEXIT\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert f"error: The model could not answer (RuntimeError: {OUT_OF_MEMORY}); the question was not added" in text
+    assert "Traceback" not in text and text.rstrip().endswith("bye")
+    assert session.history == [{"role": "user", "content": "你是谁"}, {"role": "assistant", "content": expected}]
+
+
+def test_widget_shows_a_generation_error_and_keeps_it_out_of_the_history(tiny_chat, monkeypatch):
+    from helpers.chat import ChatError, chat_widget
+
+    model, tokenizer = tiny_chat
+    widget = chat_widget(model, tokenizer)
+    fail_first_answer(monkeypatch, model)
+    widget.text.value = "你是谁"  # Enter: the error goes to the transcript, not out of the callback
+    assert widget.session.history == []
+    assert "error:" in widget.transcript.value and OUT_OF_MEMORY in widget.transcript.value
+    assert "▌" not in widget.transcript.value  # no half answer left standing
+    fail_first_answer(monkeypatch, model)
+    with pytest.raises(ChatError, match=r"^The model could not answer \(RuntimeError: CUDA out of memory"):
+        widget.ask("你是谁")  # called from code, as the notebook's demo cell does
+    answer = widget.ask("你是谁")
+    assert widget.session.history[-1]["content"] == answer and len(widget.session.history) == 2
+    assert "error:" not in widget.transcript.value  # the next answer clears it
