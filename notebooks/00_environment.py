@@ -59,10 +59,15 @@ preflight_table(facts["preflight"])
 # tokenizer trained on the kit's text). It was pre-trained for a few hundred steps on a small bilingual chat
 # set, so it already answers like a generic assistant — and it does **not** know whose assistant it is yet.
 # With a real model (for example a local copy of `internlm2-chat-1.8b`), the folder is checked and recorded.
+# Either way the model is recorded **by content**: a hash of its config, tokenizer and weight files, which every
+# later step compares (a base model changed in place, say rebuilt with another seed, is another base model).
 
 # %%
+from helpers.base_model import base_model_identity, identity_table
+
 model_path = prepare_base_model(base_model, work, seed=seed)
-print("base model:", model_path)
+identity = base_model_identity(work)
+identity_table(identity)
 
 # %% [markdown]
 # The chat template decides how a conversation becomes text. The course's model uses the InternLM2 layout:
@@ -79,7 +84,8 @@ print(tokenizer.apply_chat_template(
     tokenize=False, add_generation_prompt=True))
 
 # %%
-save_results(work, "00_environment", {**facts, "base_model": base_model_source(work), "loaded_from": str(model_path)});
+save_results(work, "00_environment", {**facts, "base_model": base_model_source(work), "loaded_from": str(model_path),
+                                       "base_model_identity": identity});
 
 # %% [markdown]
 # Next: **01 · Data generation** writes the data that teaches the model who it is.

@@ -174,7 +174,9 @@ save_results(work, "02_qlora_finetune", {
     "name": name, "expected_answer": expected, "identity_learned": learned, "preset": config.preset,
     **{k: result[k] for k in ("evaluation_inputs", "answers_before", "answers_after", "first_loss", "final_loss",
                               "steps", "quantization", "adapter", "train_seconds", "peak_memory_mb",
-                              "trainable_parameters", "hyper_parameters", "data_sha256", "resumed_from")},
+                              "trainable_parameters", "hyper_parameters", "data_sha256", "resumed_from",
+                              "base_model_identity", "adapter_sha256")},
+    "sources": {"adapter": result["adapter_sha256"]},  # the report marks these results stale if WORK/adapter changes
     "evaluation_steps": [int(c.split()[1]) for c in evaluation_table(work).columns],
     "tokens_per_s": float(metrics["tokens_per_s"].iloc[1:].median()) if len(metrics) > 1 else None,
     "general_answers": dict(zip(general_questions, general)), "data": data_summary})
