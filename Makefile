@@ -6,10 +6,11 @@ ARGS ?=
 
 .PHONY: run test venv notebooks clean system-run system-test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml jupyter-config/jupyter_server_config.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e . --config-settings editable_mode=compat
+	$(PY) -m helpers notebooks --jupyter-settings  # JupyterLab lists each notebook once (the .py sources hidden)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -62,12 +62,23 @@ def recommend_preset(facts: dict) -> tuple[str, str]:
     return "homework", "GPU with 4-bit QLoRA: the homework preset (internlm2-chat-1.8b or Qwen2.5) runs as the course does."
 
 
+def readable_table(table):
+    """A table that shows every value whole and wraps it (a plain DataFrame cuts text past 50 characters mid-word)."""
+    return table.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"}) \
+        .set_table_styles([{"selector": "th", "props": [("text-align", "left"), ("vertical-align", "top")]}])
+
+
 def environment_table(facts: dict):
+    """One row per fact; a group of facts (fast_paths) gets a row per item, not a Python dict in one cell."""
     import pandas as pd
 
-    table = pd.DataFrame({"value": {k: str(v) for k, v in facts.items()}})
-    # A Styler shows every value whole (a DataFrame cuts long ones to "..."), wrapped to the page.
-    return table.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "max-width": "70em"})
+    rows = {}
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            rows.update({f"{key}: {item}": str(v) for item, v in value.items()})
+        elif key != "preflight":  # a table of its own (preflight_table)
+            rows[key] = str(value)
+    return readable_table(pd.DataFrame({"value": rows})).set_properties(**{"max-width": "60em"})
 
 
 def preflight() -> list[dict]:
@@ -109,4 +120,5 @@ def preflight() -> list[dict]:
 def preflight_table(rows: list[dict]):
     import pandas as pd
 
-    return pd.DataFrame(rows).set_index("check")
+    table = pd.DataFrame(rows).set_index("check")
+    return readable_table(table).set_properties(subset=["found", "fix", "affects"], **{"max-width": "22em"})

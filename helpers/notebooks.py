@@ -8,10 +8,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .paths import NOTEBOOKS_DIR
+from .paths import NOTEBOOKS_DIR, REPO_ROOT
 
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+# The Jupyter server settings the course ships: the file browser hides the paired NN_*.py sources
+JUPYTER_SETTINGS = REPO_ROOT / "jupyter-config" / "jupyter_server_config.json"
 
 
 def course_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -103,15 +105,41 @@ def build(with_outputs: bool = True, only: list[str] | None = None) -> list[Path
     return written
 
 
+def install_jupyter_settings(prefix: str | Path | None = None) -> Path:
+    """Add the course's Jupyter server settings to this environment's etc/jupyter/jupyter_server_config.json, where
+    JupyterLab reads them wherever it starts (it reads none from the working directory, and jupyter_server_config.d
+    holds only extension switches); globs already hidden there stay."""
+    import json
+
+    from .data import atomic_write_text
+
+    target = Path(prefix or sys.prefix) / "etc" / "jupyter" / JUPYTER_SETTINGS.name
+    try:
+        current = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {target}: line {e.lineno}: not valid JSON; fix or remove it, then run again.") from None
+    ours = json.loads(JUPYTER_SETTINGS.read_text(encoding="utf-8"))["ContentsManager"]["hide_globs"]
+    kept = current.setdefault("ContentsManager", {}).get("hide_globs", [])
+    current["ContentsManager"]["hide_globs"] = kept + [glob for glob in ours if glob not in kept]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(current, indent=2) + "\n")
+    return target
+
+
 def add_command(sub) -> None:
     p = sub.add_parser("notebooks", help="write notebooks/*.ipynb from their .py sources (jupytext)")
     p.add_argument("--check", action="store_true", help="only check that .ipynb and .py agree")
     p.add_argument("--no-outputs", action="store_true", help="do not run the notebooks to store checked outputs")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers")
+    p.add_argument("--jupyter-settings", action="store_true",
+                   help="only install the course's JupyterLab settings (one file per notebook) in this environment")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    if args.jupyter_settings:
+        print(f"wrote {install_jupyter_settings()}: JupyterLab lists each notebook once (its .py source is hidden)")
+        return 0
     if args.check:
         bad = out_of_sync()
         if bad:
