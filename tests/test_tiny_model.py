@@ -44,12 +44,17 @@ def test_base_model_is_a_generic_assistant_not_a_personal_one(tiny_model_dir, to
     assert not any("小助手" in a for a in answers)
 
 
-def test_build_is_deterministic_and_cached(tmp_path):
+def test_build_is_deterministic_and_cached(tmp_path, capsys):
     a = build_tiny_model(tmp_path / "a", seed=3, pretrain_steps=15)
+    shown = capsys.readouterr()  # never a silent minute: what is built, and a progress bar over its pre-training
+    assert shown.out.startswith(f"Building the course's tiny chat model in {a}: ") and "15 steps" in shown.out
+    assert "pre-training the tiny model" in shown.err and "15/15" in shown.err
     b = build_tiny_model(tmp_path / "b", seed=3, pretrain_steps=15)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     stamp = (a / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
     build_tiny_model(a, seed=3, pretrain_steps=15)  # same recipe: reused, not rebuilt
+    assert "reusing it" in capsys.readouterr().out
     assert (a / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((a / "course_model.json").read_text())["kind"] == "tiny"
