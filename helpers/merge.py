@@ -18,7 +18,7 @@ VERIFY_PROMPTS = ["请你介绍一下你自己", "你是谁", "今天天气怎�
 # place): storing a small update in 16 bits rounds part of it away, which moves the logits by an amount that
 # depends on the model and the training, not on whether the merge is right.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
-NOISE_MARGIN = 2  # the logits' fallback for 16-bit adapters the weight check cannot read: 2 x that dtype's noise
+NOISE_MARGIN = 2  # a 16-bit final_model's logits may differ from the in-memory merge by 2 x that dtype's rounding noise
 MAX_ULPS = 1  # W + B·A computed in 16 bits may round once more than computed in float32 and rounded once
 
 
@@ -157,19 +157,24 @@ class MergeResult:
     adapter_size_bytes: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     merged_on: str = "cpu"  # where W + B·A was formed
+    verification: dict = field(default_factory=dict)  # verify_merge's findings on the staged model
 
     def as_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        """The merge's facts and its verification's, in one flat dict (notebook 03's results)."""
+        facts = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "verification"}
+        return facts | self.verification
 
 
 def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model: str | os.PathLike,
-          max_shard_size: str | int = "2GB", dtype="auto", overwrite: bool = False) -> MergeResult:
-    """Merge `adapter` into `base_model` and save the full model to `final_model`.
+          max_shard_size: str | int = "2GB", dtype="auto", overwrite: bool = False,
+          tolerance: float | None = None) -> MergeResult:
+    """Merge `adapter` into `base_model`, verify the result, and only then put it in place as `final_model`.
 
     The base is loaded in its 16/32-bit dtype (never 4-bit: merging into quantised weights would
     round W + B·A to the 4-bit grid and lose most of what was learned), on the GPU when it fits there
-    (`merge_device`). The model is written to a temporary folder beside `final_model` and renamed into place,
-    so a failed merge leaves nothing behind.
+    (`merge_device`). The model is written to a staging folder beside `final_model`, checked there by
+    `verify_merge`, and swapped in with its verification record (VERIFICATION_FILE); a merge that fails its check
+    raises MergeError and leaves the previous `final_model` as it was.
     """
     base_model, final_model = check_model_dir(base_model, need_tokenizer=False), Path(final_model)
     adapter = check_adapter_dir(adapter)
@@ -178,28 +183,35 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
                          "or choose another final_model directory.")
     tokenizer = load_tokenizer(base_model, adapter)
     generation_config = generation_config_with_stops(base_model, tokenizer)
-    merged_dtype, device = _on_gpu_else_cpu(merge_device(base_model, adapter), _merge_on, base_model, adapter,
-                                            final_model, tokenizer, generation_config, max_shard_size, dtype)
+    with staged_dir(final_model) as staging:
+        merged_dtype, device = _on_gpu_else_cpu(merge_device(base_model, adapter), _merge_on, base_model, adapter,
+                                                staging, tokenizer, generation_config, max_shard_size, dtype)
+        check = verify_merge(staging, base_model, adapter, tolerance=tolerance)
+        if not check["passed"]:
+            kept = (f"the previous {final_model.name} is kept as it was" if final_model.exists()
+                    else f"nothing was written to {final_model}")
+            raise MergeError(f"the merged model does not compute base + adapter: {check['problem']}; {kept}.")
+        write_verification(staging, check, base_model, adapter)
+        files = sorted(p.name for p in staging.iterdir())
+        size = dir_size(staging)
     return MergeResult(
         final_model=final_model, base_model=str(base_model), adapter=str(adapter),
         dtype=merged_dtype, max_shard_size=str(max_shard_size), merged_on=device,
-        files=sorted(p.name for p in final_model.iterdir()), size_bytes=dir_size(final_model),
-        base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
-        stop_token_ids=list(generation_config.eos_token_id))
+        files=files, size_bytes=size, base_size_bytes=dir_size(base_model), adapter_size_bytes=dir_size(adapter),
+        stop_token_ids=list(generation_config.eos_token_id), verification=check)
 
 
-def _merge_on(base_model, adapter, final_model, tokenizer, generation_config, max_shard_size, dtype,
+def _merge_on(base_model, adapter, out_dir: Path, tokenizer, generation_config, max_shard_size, dtype,
               device: str) -> tuple[str, str]:
-    """Load, merge and save on `device`; returns the merged dtype and the device."""
+    """Load, merge and save into `out_dir` on `device`; returns the merged dtype and the device."""
     model = load_model(base_model, adapter, dtype=dtype, device=device)
     untie_output_layer(model)
     with _float32_products():
         merged = model.merge_and_unload()
     merged.generation_config = generation_config
-    with staged_dir(final_model) as tmp:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        check_model_dir(tmp)
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    check_model_dir(out_dir)
     merged_dtype = str(merged.dtype).replace("torch.", "")
     del model, merged
     if device == "cuda":  # the GPU's memory back for the check that follows
@@ -237,16 +249,169 @@ def _logits(model, batches) -> list:
 
 def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, adapter: str | os.PathLike,
                  prompts: list[str] | None = None, tolerance: float | None = None) -> dict:
-    """Does final_model compute base + adapter? Logits on sample prompts against base + adapter (unmerged,
-    float32), and for a 16-bit final_model its weights against W + B·A rounded to its dtype.
+    """Does final_model compute base + adapter? The whole model is judged, not only the tensors it holds:
 
-    float32: passes when the logits agree within `tolerance` (TOLERANCE by default). 16-bit: passes when every
-    weight is within MAX_ULPS of W + B·A rounded to that dtype (and the logits within `tolerance` if one is
-    given); the logits' distance is then reported, with the share of the adapter's changes too small to survive
-    the rounding. A merge that dropped or mis-scaled the adapter fails either way. Runs on the GPU where it fits
-    (`verify_device`), and again on the CPU if the GPU runs out of memory all the same (a card shared by others)."""
-    return _on_gpu_else_cpu(verify_device(base_model), _verify_on, final_model, base_model, adapter,
-                            list(prompts or VERIFY_PROMPTS), tolerance)
+    - its tensors and their shapes are exactly those of base + adapter (none missing, none extra);
+    - every field of config.json and generation_config.json that changes what the model computes or where it
+      stops equals the base's (CONFIG_MAY_DIFFER lists the exceptions, each with its reason);
+    - its tokenizer renders the chat template to the same ids as the tokenizer the adapter was trained with;
+    - a 16-bit final_model: every weight is W + B·A rounded to its dtype, within MAX_ULPS;
+    - the logits on VERIFY_PROMPTS: float32 within `tolerance` (TOLERANCE) of base + adapter; 16-bit within
+      `tolerance`, by default NOISE_MARGIN x the rounding noise of that dtype (how far base + adapter merged in
+      memory and rounded to the dtype moves from the float32 logits), of that in-memory merge.
+    `problems` holds one sentence per finding and `problem` the first; `passed` is True only without any.
+    Runs on the GPU where it fits (`verify_device`), and again on the CPU if the GPU runs out of memory all the
+    same (a card shared by others)."""
+    final_model, base_model, adapter = Path(final_model), Path(base_model), Path(adapter)
+    problems = _structure_problems(final_model, base_model, adapter) + _config_problems(final_model, base_model, adapter)
+    problems += _template_problems(final_model, base_model, adapter)
+    try:
+        found = _on_gpu_else_cpu(verify_device(base_model), _verify_on, final_model, base_model, adapter,
+                                 list(prompts or VERIFY_PROMPTS), tolerance)
+    except Exception as e:  # a model that does not even load is a finding, not a crash
+        if not problems:
+            raise
+        found = {"prompts": list(prompts or VERIFY_PROMPTS), "passed": False, "max_abs_diff": float("inf"),
+                 "tolerance": tolerance, "weights": None, "logit_problem": f"it does not load ({type(e).__name__})"}
+    problems += [found.pop("logit_problem")] if found.get("logit_problem") else []
+    return found | {"problems": problems, "problem": problems[0] if problems else "", "passed": not problems}
+
+
+def verification_rows(check: dict) -> dict:
+    """What verify_merge found, one line per part of the check (for notebook 03's table)."""
+    weights, dtype = check.get("weights"), check.get("dtype")
+    rows = {"tensors and shapes": "those of base + adapter",
+            "config.json, generation_config.json": "the base's (stops at the chat template's end of turn)",
+            "chat template": "the same token ids as in training",
+            "weights": (f"every one W + B·A rounded to {dtype}, within {weights['max_ulps']:.0f} ulp; "
+                        f"{weights['rounded_away']:.1%} of the adapter's changes below {dtype}'s resolution")
+                       if weights else f"{dtype}: judged by the logits",
+            "logits": f"max |diff| {check['max_abs_diff']:.2e} <= bound {check['tolerance']:.2g}",
+            "the adapter's own effect on the logits": f"{check['adapter_effect_max_abs']:.3f}"}
+    return rows if check.get("passed") else {"verdict": check.get("problem", "failed")}
+
+
+# Fields of config.json / generation_config.json that may differ between a base and its merged model, and why.
+CONFIG_MAY_DIFFER = {
+    "transformers_version": "the library version that wrote the file",
+    "_name_or_path": "where the model was loaded from",
+    "dtype": "the weights' dtype, judged on the weights themselves (dtype='float32' may be asked for)",
+    "torch_dtype": "the older name of dtype",
+    "eos_token_id": "generation_config: the merge stops at the chat template's end-of-turn (checked below)",
+    "pad_token_id": "generation_config: set from the tokenizer when the base has none (checked below)",
+}
+# tie_word_embeddings may go from true to false: the merge unties an output layer that carries an adapter
+# (untie_output_layer), so the input embedding stays the base's.
+
+
+def _shapes(folder: Path) -> dict[str, tuple]:
+    """name -> shape of every tensor in a folder's safetensors files, from their headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+    return shapes
+
+
+def _adapts_output_layer(adapter: Path) -> bool:
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    return "lm_head" in targets or "lm_head" in (config.get("modules_to_save") or [])
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _structure_problems(final: Path, base: Path, adapter: Path) -> list[str]:
+    """The tensors final_model must hold: the base's, plus an output layer of its own when the merge untied it."""
+    base_shapes, final_shapes = _shapes(base), _shapes(final)
+    if not base_shapes:  # a base in PyTorch .bin files: the weights' check below compares what it can
+        return []
+    expected = dict(base_shapes)
+    tied = _read_json(final / "config.json").get("tie_word_embeddings")
+    embedding = next((k for k in base_shapes if k.endswith("embed_tokens.weight")), None)
+    if tied is False and "lm_head.weight" not in expected and embedding:
+        expected["lm_head.weight"] = base_shapes[embedding]
+    if tied:  # a tied output layer is the embedding: it may be stored or left out
+        expected.pop("lm_head.weight", None)
+        final_shapes.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(final_shapes))
+    extra = sorted(set(final_shapes) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(final_shapes) if expected[k] != final_shapes[k])
+    problems = []
+    if missing:
+        problems.append(f"final_model lacks {len(missing)} tensor(s) that base + adapter has ({_names(missing)})")
+    if extra:
+        problems.append(f"final_model holds {len(extra)} tensor(s) that base + adapter does not ({_names(extra)})")
+    for k in reshaped[:3]:
+        problems.append(f"{k} has shape {list(final_shapes[k])} in final_model but {list(expected[k])} in base + adapter")
+    return problems
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_problems(final: Path, base: Path, adapter: Path) -> list[str]:
+    """Every config field that changes what the model computes, or where its answers stop, must be the base's."""
+    from transformers import AutoConfig, GenerationConfig
+
+    problems = []
+    if not (final / "config.json").exists():
+        return ["final_model has no config.json"]
+    got, want = (_flat(AutoConfig.from_pretrained(p).to_dict()) for p in (final, base))
+    for key in sorted(set(got) | set(want)):
+        leaf = key.rsplit(".", 1)[-1]
+        a, b = got.get(key, "(missing)"), want.get(key, "(missing)")
+        if a == b or leaf in CONFIG_MAY_DIFFER:
+            continue
+        if leaf == "tie_word_embeddings" and b is True and a is False and _adapts_output_layer(adapter):
+            continue
+        problems.append(f"config.json's {key} is {a!r} in final_model but {b!r} in the base")
+    expected = generation_config_with_stops(base, load_tokenizer(base, adapter)).to_dict()
+    try:
+        stored = GenerationConfig.from_pretrained(final).to_dict()
+    except OSError:
+        return problems + ["final_model has no generation_config.json, so its answers would not stop at the end "
+                           "of a turn"]
+    for key in sorted(set(stored) | set(expected)):
+        if key == "transformers_version" or stored.get(key) == expected.get(key):
+            continue
+        problems.append(f"generation_config.json's {key} is {stored.get(key, '(missing)')!r} in final_model but "
+                        f"{expected.get(key, '(missing)')!r} for base + adapter")
+    return problems
+
+
+def _template_problems(final: Path, base: Path, adapter: Path) -> list[str]:
+    """final_model's tokenizer must turn a chat into the same ids as the one the adapter was trained with."""
+    try:
+        mine = load_tokenizer(final)
+    except Exception as e:  # any tokenizer-loading failure is the finding
+        return [f"final_model's tokenizer does not load ({type(e).__name__})"]
+    theirs = load_tokenizer(base, adapter)
+    if mine.chat_template != theirs.chat_template:
+        return ["final_model's chat template differs from the one the adapter was trained with"]
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": VERIFY_PROMPTS[0]},
+            {"role": "assistant", "content": VERIFY_PROMPTS[1]}, {"role": "user", "content": VERIFY_PROMPTS[3]}]
+    ids = [t.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"] for t in (mine, theirs)]
+    if ids[0] != ids[1] or stop_token_ids(mine) != stop_token_ids(theirs):
+        return ["final_model's tokenizer gives other token ids (or stop tokens) for the same chat than the "
+                "tokenizer the adapter was trained with"]
+    return []
 
 
 def _on_gpu_else_cpu(device: str, fn, *args):
@@ -268,7 +433,7 @@ def _on_gpu_else_cpu(device: str, fn, *args):
 def _verify_on(final_model, base_model, adapter, prompts: list[str], tolerance, device: str) -> dict:
     import torch
 
-    tokenizer = load_tokenizer(final_model)
+    tokenizer = load_tokenizer(base_model, adapter)
     batches = _prompt_ids(tokenizer, prompts)
     merged = load_model(final_model, device=device)
     got = _logits(merged, batches)
@@ -281,24 +446,35 @@ def _verify_on(final_model, base_model, adapter, prompts: list[str], tolerance, 
     exact = _logits(reference, batches)
     with reference.disable_adapter():  # the base alone, from the same loaded weights
         plain = _logits(reference, batches)
-    del reference
-    diffs = [float((a - b).abs().max()) for a, b in zip(exact, got)]
-    max_diff = max(diffs)
     # The adapter's own effect, for scale: a merge that silently dropped the adapter would differ by this much.
     effect = _max_diff(exact, plain)
+    noise, compared = 0.0, exact
+    if sixteen:  # what a right merge computes in that dtype: base + adapter merged in float32, rounded once
+        untie_output_layer(reference)
+        with _float32_products():
+            rounded = reference.merge_and_unload().to(getattr(torch, dtype))
+        compared = _logits(rounded, batches)
+        noise = _max_diff(compared, exact)
+        del rounded
+    del reference
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    diffs = [float((a - b).abs().max()) for a, b in zip(compared, got)]
+    max_diff = max(diffs)
+    if tolerance is None:
+        tolerance = max(NOISE_MARGIN * noise, TOLERANCE["float32"]) if sixteen else TOLERANCE.get(dtype, 1e-2)
     weights = check_merged_weights(final_model, base_model, adapter, device) if sixteen else None
-    noise = 0.0
-    if sixteen and weights is None and tolerance is None:  # an adapter kind the weight check cannot read
-        noise = _max_diff(_logits(load_model(base_model, adapter, dtype=getattr(torch, dtype), device=device),
-                                  batches), exact)
-        tolerance = max(TOLERANCE[dtype], NOISE_MARGIN * noise)
-    scale = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2)  # what counts as a change in logits
-    if not sixteen:
-        tolerance = scale
-    passed = (weights is None or weights["max_ulps"] <= MAX_ULPS) and (tolerance is None or max_diff <= tolerance)
+    problem = ""
+    if weights and weights["max_ulps"] > MAX_ULPS:
+        problem = (f"its weights are not base + adapter rounded to {dtype}: {weights['worst']} is "
+                   f"{weights['max_ulps']:.3g} units in the last place off")
+    elif max_diff > tolerance:
+        problem = (f"its logits differ from base + adapter's by up to {max_diff:.3g}, above the bound {tolerance:.3g} "
+                   f"(the adapter itself moves them by {effect:.3g})")
     return {"prompts": prompts, "device": device, "max_abs_diff": max_diff, "per_prompt_max_abs_diff": diffs,
             "tolerance": tolerance, "dtype": dtype, "weights": weights, "rounding_noise": noise,
-            "logit_scale": scale, "adapter_effect_max_abs": effect, "passed": bool(passed)}
+            "logit_scale": TOLERANCE.get(dtype, 1e-2), "adapter_effect_max_abs": effect,
+            "passed": not problem, "logit_problem": problem}
 
 
 def _stored(model_dir) -> tuple[int, str]:
@@ -417,3 +593,72 @@ def _load_all(folder: Path) -> dict:
 
 def _max_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- the verification record
+VERIFICATION_FILE = "verification.json"  # written into final_model by merge(): what was checked, and the files' hashes
+
+
+class UnverifiedModelError(ValueError):
+    """A final_model without a passed verification record, or whose files changed since it was verified."""
+
+
+def write_verification(model_dir: Path, check: dict, base_model: Path, adapter: Path) -> dict:
+    """Record in `model_dir` that it was verified against base + adapter, with the hashes of what was verified."""
+    from .data import atomic_write_text
+    from .fingerprint import folder_hashes, folder_sha256
+
+    record = {"passed": bool(check["passed"]), "problem": check.get("problem", ""),
+              "base_model": str(base_model), "base_model_sha256": folder_sha256(base_model),
+              "adapter": str(adapter), "adapter_sha256": folder_sha256(adapter),
+              "dtype": check.get("dtype"), "device": check.get("device"),
+              "max_abs_diff": check.get("max_abs_diff"), "bound": check.get("tolerance"),
+              "rounding_noise": check.get("rounding_noise"), "max_ulps": (check.get("weights") or {}).get("max_ulps"),
+              "files": folder_hashes(model_dir)}
+    atomic_write_text(Path(model_dir) / VERIFICATION_FILE, json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+def needs_verification(model_dir: str | os.PathLike) -> bool:
+    """A merged chat model: a folder with a verification record, or a work dir's final_model (not the VLM's)."""
+    model_dir = Path(model_dir)
+    if (model_dir / VERIFICATION_FILE).exists():
+        return True
+    if model_dir.name != "final_model" or model_dir.parent.name == "vlm":
+        return False
+    return "vision_config" not in _read_json(model_dir / "config.json")
+
+
+def verification_problem(model_dir: str | os.PathLike) -> str:
+    """'' when `model_dir` carries a passed verification record that matches its files; else one sentence."""
+    from .fingerprint import folder_hashes
+
+    model_dir = Path(model_dir)
+    record_file = model_dir / VERIFICATION_FILE
+    if not record_file.exists():
+        return (f"{model_dir} has no verification record ({VERIFICATION_FILE}): it was not made by notebook 03's "
+                "merge, or that merge was not checked; run notebook 03 again")
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        recorded = dict(record["files"])
+    except (ValueError, KeyError, TypeError):
+        return f"{record_file} cannot be read; run notebook 03 again"
+    if not record.get("passed"):
+        return f"{model_dir} failed its merge check ({record.get('problem') or 'see notebook 03'}); run notebook 03 again"
+    now = folder_hashes(model_dir)
+    changed = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
+    if changed:
+        return f"{model_dir}: {_names(changed)} changed since the merge was verified; run notebook 03 again"
+    return ""
+
+
+def require_verified(model_dir: str | os.PathLike, allow_unverified: bool = False) -> str:
+    """Refuse a merged model whose verification is missing, failed or out of date (UnverifiedModelError, one
+    sentence). allow_unverified (a teacher's experiment): returns the warning to show with every output instead.
+    Returns '' for a verified model and for folders that are not merged models (a base model)."""
+    if not needs_verification(model_dir):
+        return ""
+    problem = verification_problem(model_dir)
+    if problem and not allow_unverified:
+        raise UnverifiedModelError(problem + " (or pass --unverified / allow_unverified=True for an experiment).")
+    return f"UNVERIFIED MODEL: {problem}" if problem else ""
