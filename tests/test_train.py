@@ -217,7 +217,8 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert kept["resumed_from"].endswith("checkpoint-12") and kept["steps"] == 12
 
     # Other settings: resume=True refuses to mix runs; "auto" starts a new one.
-    with pytest.raises(TrainConfigError, match="come from a run with other settings"):
+    with pytest.raises(TrainConfigError, match=r"come from another run: the training settings changed "
+                                               r"\(max_steps 12 -> 14\)"):
         train(TrainConfig(**(kw | {"max_steps": 14, "resume": True})), broken)
     again = train(TrainConfig(**(kw | {"max_steps": 14})), broken)
     assert again["resumed_from"] is None and again["steps"] == 14
