@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .base_model import ModelPathError
 from .generation import context_length, fit_history, generate_answers
-from .merge import AdapterError, load_model, load_tokenizer
+from .merge import AdapterError, UnverifiedModelError, load_model, load_tokenizer, require_verified
 from .template import TemplateError, stop_token_ids
 from .terminal import run_cli
 
@@ -303,6 +303,8 @@ def add_command(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--unverified", action="store_true",
+                   help="chat with a final_model whose merge check is missing or out of date (said on screen)")
     p.set_defaults(func=_chat)
     w = sub.add_parser("web", help="the Streamlit chat demo in the browser")
     w.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
@@ -310,6 +312,8 @@ def add_command(sub) -> None:
     w.add_argument("--address", default="localhost", help="address to listen on (0.0.0.0: every interface)")
     w.add_argument("--system", default=None,
                    help="the sidebar's starting system prompt (default: the one the model was trained with)")
+    w.add_argument("--unverified", action="store_true",
+                   help="serve a final_model whose merge check is missing or out of date (said on the page)")
     w.set_defaults(func=_web)
 
 
@@ -329,11 +333,14 @@ def _chat(args) -> int:
 
             print(f"system prompt: {system!r} ({where})", flush=True)
             return int(vlm_chat.run_cli(model_dir, args.image, system, max_new_tokens=args.max_new_tokens) or 0)
+        warning = require_verified(model_dir, args.unverified) if args.adapter is None else ""
         model, tokenizer = load_chat_model(model_dir, args.adapter)
         stop_token_ids(tokenizer, model.generation_config)
-    except (ModelPathError, AdapterError, TemplateError) as e:
+    except (ModelPathError, AdapterError, TemplateError, UnverifiedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if warning:
+        print(warning, flush=True)
     print(f"system prompt: {system!r} ({where})", flush=True)
     return run_cli(ChatSession(model, tokenizer, system, settings))
 
@@ -387,9 +394,15 @@ def _web(args) -> int:
     model_dir = args.model_dir or _default_model_dir()
     try:
         check_model_dir(model_dir)
-    except ModelPathError as e:
+        warning = require_verified(model_dir, args.unverified)
+    except (ModelPathError, UnverifiedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if warning:  # the page shows it above the chat
+        print(warning, flush=True)
+        from .web_app import WARNING_ENV
+
+        os.environ[WARNING_ENV] = warning
     print(f"Serving the chat demo for {model_dir} at http://{args.address}:{args.port} (Ctrl+C stops it)", flush=True)
     command = web_command(model_dir, args.port, args.address, args.system)
     os.execv(command[0], command)  # streamlit takes this process's place, so stopping it stops the server

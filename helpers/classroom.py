@@ -32,11 +32,16 @@ import sys
 import threading
 import time
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+try:
+    import psutil  # noqa: F401  (loaded now: signal_tree runs while the process is being stopped)
+except ImportError:
+    pass
 
 from .data import atomic_write_text
 from .notebooks import course_notebooks, notebook_parameters
@@ -173,7 +178,7 @@ def signal_tree(pid: int, sig: int) -> None:
     a session of its own)."""
     groups = {pid}
     try:
-        import psutil  # ipykernel's own dependency
+        import psutil  # ipykernel's own dependency (imported with the kit: a kill must not wait for an import)
 
         for child in psutil.Process(pid).children(recursive=True):
             try:
@@ -243,7 +248,7 @@ def run_task(task: Task, gpu: str | None = None, stop: Stop | None = None) -> di
         _write_status(task, state="running", notebook="", done=0, attempt=attempt)
         with open(task.log, "a", encoding="utf-8") as log:
             where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env.get("CUDA_VISIBLE_DEVICES") else ""  # ours or Slurm's
-            log.write(f"=== attempt {attempt} of {task.attempts}{where} (pid {proc.pid}): {' '.join(task.argv)}\n")
+            log.write(f"=== attempt {attempt} of {task.attempts} (pid {proc.pid}){where}: {' '.join(task.argv)}\n")
             log.flush()
             try:
                 for line in proc.stdout:
@@ -256,6 +261,9 @@ def run_task(task: Task, gpu: str | None = None, stop: Stop | None = None) -> di
                         _write_status(task, state="running", notebook=notebook, done=done, attempt=attempt)
                 code = proc.wait()
             except BaseException:  # this call itself was stopped (a cancelled Slurm job): the student goes with it
+                if threading.current_thread() is threading.main_thread():  # a second signal must not cut this short
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(sig, signal.SIG_IGN)
                 signal_tree(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise
@@ -360,9 +368,9 @@ def _watch(tasks: list[Task], handles: list, table: LiveTable, ctrl_c: CtrlC, st
     finally:
         table.close()
     results = []
-    for h in handles:
-        if stopped_at is not None and (h.cancelled() or not h.done()):
-            results.append(dict(INTERRUPTED))
+    for t, h in zip(tasks, handles):
+        if stopped_at is not None and (isinstance(h, Future) and h.cancelled() or not h.done()):
+            results.append(dict(INTERRUPTED, attempts=_read_status(t).get("attempt", 0)))  # started or not
             continue
         try:
             results.append(h.result())
@@ -576,7 +584,7 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
 
 
 def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions | None = None,
-                publish: bool = False, trust_results: bool = False, skip: str = "") -> int:
+                flags: list[str] = ()) -> int:
     """`homework check` for every student of a class, in parallel; saves class_check.csv/.md. 0 when all pass."""
     students = _class_to_run(csv_path, workers, slurm)
     if students is None:
@@ -588,7 +596,7 @@ def check_class(csv_path, class_dir=None, workers: int = 1, slurm: SlurmOptions 
         sid = student["student_id"]
         argv = [sys.executable, "-m", "helpers", "homework", "check", str(_student_work(root, sid).root),
                 f"--name={student['name']}", "--json", str(logs / f"{sid}.json")]  # '=': a name may start with '-' 
-        argv += ["--publish"] * publish + ["--trust-results"] * trust_results + (["--skip", skip] if skip else [])
+        argv += list(flags)  # homework check's own flags, as the teacher gave them
         (logs / f"{sid}.json").unlink(missing_ok=True)
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
                           final_codes=(0, 1)))  # a failed check is a verdict; only a crash is retried

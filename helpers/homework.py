@@ -159,195 +159,393 @@ def _not_run(notebook: str, work: Work | None = None, what: str = "") -> str:
     return (f"{what} is missing: " if what else "") + f"notebook {notebook} did not run (no results/{notebook}.json)"
 
 
-def expected_name(work: Work, name: str | None = None) -> str | None:
-    """The name to look for: given by the teacher, else the one notebook 01 recorded."""
-    if name:
-        return name
-    r = read_results(work, "01_data_generation") or {}
-    return r.get("name")
+# The grader's own identity questions: paraphrases of the course's that no training data holds. A teacher's
+# hidden ones come with --questions FILE (one a line).
+PARAPHRASES = ["你好，请问你是谁？", "能简单介绍一下你自己吗", "做个自我介绍吧", "你是什么助手", "你叫什么"]
+IDENTITY_SHARE = 0.5  # the identity must come back on more than this share of the paraphrases
+OVERFIT_SHARE = 0.5  # over-fitted: the identity leaks into more than this share of held-out general questions
+GENERAL_QUESTIONS = 10  # held-out general questions asked (data/general_heldout.json)
 
 
-def check_dataset(work: Work, name: str | None) -> Check:
+@dataclass
+class Graded:
+    """What the grader found once and several checks use: the identity the dataset teaches, the base to judge on."""
+
+    name: str | None = None
+    identity: str | None = None  # the identity answer the adapter was trained on
+    base: str | None = None  # the base model folder every model check loads
+    base_problem: str = ""  # why no base could be had
+    answers: dict | None = None  # question -> answer of base + adapter (identity, paraphrases, general)
+
+
+def _identity_of(conversations: list[list[dict]]) -> str | None:
+    """The identity answer of a self-cognition dataset: its most frequent assistant answer."""
+    from collections import Counter
+
+    counts = Counter(m["content"] for c in conversations for m in c if m["role"] == "assistant")
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _name_in(identity: str) -> str | None:
+    """The name an identity answer gives, where it follows the course's template (or 'I am X's assistant')."""
+    from .data import DEFAULT_ANSWER
+
+    before, after = DEFAULT_ANSWER.split("{name}")
+    for pattern in (re.escape(before) + r"(.+?)" + re.escape(after[:3]), r"^我是(.+?)的(?:小)?助手", r"I am (.+?)'s assistant"):
+        m = re.search(pattern, identity)
+        if m and m.group(1).strip():
+            return m.group(1).strip()
+    return None
+
+
+def trained_on(work: Work) -> dict:
+    """The adapter's training record (what train() wrote beside the adapter), {} when there is none."""
+    import json
+
+    try:
+        return json.loads((work.adapter / "training_record.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def check_dataset(work: Work, graded: Graded, name: str | None) -> Check:
+    """The dataset is the one the adapter was trained on (its hash), and it teaches the expected name."""
     from .data import DataError, load_dataset
+    from .fingerprint import file_sha256
 
     if not work.dataset.exists():
         return Check("dataset", "FAIL", _not_run("01_data_generation", work, str(work.dataset)))
-    if not name:
-        return Check("dataset", "FAIL", _not_run("01_data_generation") + "; no name to look for (give --name)")
     try:
         conversations = load_dataset(work.dataset)
     except DataError as e:
         return Check("dataset", "FAIL", str(e))
-    hits = sum(name in m["content"] for c in conversations for m in c if m["role"] == "assistant")
+    graded.identity = _identity_of(conversations)
+    graded.name = name or _name_in(graded.identity or "")
+    trained = trained_on(work).get("data_sha256")
+    if trained and trained != file_sha256(work.dataset, cached=False):
+        return Check("dataset", "FAIL", f"{work.dataset.name} changed after the adapter was trained on it; run "
+                                        "notebooks 01 and 02 again")
+    if not graded.name:
+        return Check("dataset", "FAIL", f"the identity answer {graded.identity!r} does not say whose assistant it "
+                                        "is in the course's words; give the expected name with --name")
+    hits = sum(graded.name in m["content"] for c in conversations for m in c if m["role"] == "assistant")
     if not hits:
-        return Check("dataset", "FAIL", f"no assistant answer in {work.dataset.name} mentions {name!r}")
-    return Check("dataset", "PASS", f"{hits} of {len(conversations)} records answer with {name!r}")
+        return Check("dataset", "FAIL", f"no assistant answer in {work.dataset.name} mentions {graded.name!r}")
+    return Check("dataset", "PASS", f"{hits} of {len(conversations)} records answer with {graded.name!r}")
 
 
-def identity_question(work: Work) -> str:
-    from .data import COURSE_QUESTION
+def _required_base(require_base: str) -> Path:
+    """The folder a teacher's --require-base (folder or hub id) loads from: an InternLM2 checkpoint converted
+    once into the grader's cache, as notebook 00 converts it."""
+    import tempfile
 
-    r = read_results(work, "01_data_generation") or {}
-    return (r.get("questions") or [COURSE_QUESTION])[0]
+    from .base_model import _looks_like_hub_id, check_model_dir, hub_snapshot
+    from .fingerprint import folder_sha256
+    from .internlm2 import convert_internlm2, is_internlm2
+
+    folder = hub_snapshot(require_base) if _looks_like_hub_id(require_base) else check_model_dir(Path(require_base))
+    if is_internlm2(folder):
+        out = Path(tempfile.gettempdir()) / "course-grader" / folder_sha256(folder)[:16]
+        folder = Path(convert_internlm2(folder, out))
+    return Path(folder)
 
 
-def load_adapter_model(work: Work):
-    """Base model + WORK/adapter (peft), and the tokenizer the adapter was trained with."""
-    from .base_model import base_model_path
-    from .merge import load_model, load_tokenizer
-
-    base = base_model_path(work)
-    return load_model(base, work.adapter), load_tokenizer(base, work.adapter)
+def _source_of(identity: dict) -> str:
+    return f"{identity['source']} ({identity['architecture']}, {identity['parameters']:,} parameters)"
 
 
-def check_identity(work: Work, name: str | None) -> Check:
+def check_base(work: Work, graded: Graded, require_base: str | None, require_preset: str | None) -> Check:
+    """Which base model the work was made on, by content; with --require-base, the one the class must use (every
+    later check then judges on that base); with --require-preset, the adapter's LoRA settings are the preset's."""
+    from .base_model import ModelPathError, base_model_path
+    from .fingerprint import model_identity
+
+    try:
+        own = Path(base_model_path(work))
+        mine = model_identity(own, cached=False)
+    except (ModelPathError, OSError, ValueError, KeyError) as e:
+        graded.base_problem = f"the work's base model cannot be read ({_first_line(e)}); run notebook 00"
+        return Check("base", "FAIL", graded.base_problem)
+    graded.base = str(own)
+    said = [f"made on {_source_of(mine)}"]
+    if require_base:
+        try:
+            required = _required_base(require_base)
+        except (ModelPathError, OSError, ValueError) as e:
+            return Check("base", "FAIL", f"--require-base {require_base}: {_first_line(e)}")
+        theirs = model_identity(required, cached=False)
+        graded.base = str(required)
+        if theirs["content_sha256"] != mine["content_sha256"]:
+            return Check("base", "FAIL", f"the work was made on {_source_of(mine)}, but the class requires "
+                                               f"{require_base} ({_source_of(theirs)}); run the course on that model")
+        said = [f"made on the required {require_base} ({_source_of(theirs)})"]
+    if require_preset:
+        problem = _preset_problem(work, require_preset)
+        if problem:
+            return Check("base", "FAIL", problem)
+        said.append(f"the adapter has preset {require_preset}'s LoRA settings")
+    return Check("base", "PASS", "; ".join(said))
+
+
+def _preset_problem(work: Work, preset: str) -> str:
+    """Whether WORK/adapter's own config holds the preset's LoRA rank, alpha, dropout and target layers."""
+    import json
+
+    from .train import PRESETS
+
+    if preset not in PRESETS:
+        return f"--require-preset {preset}: no such preset; use one of {', '.join(PRESETS)}"
+    try:
+        config = json.loads((work.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _not_run("02_qlora_finetune", work, f"the adapter {work.adapter}")
+    want = PRESETS[preset]
+    for key, field in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if key in want and float(config.get(field, -1)) != float(want[key]):
+            return (f"the adapter was not trained with preset {preset}: its {field} is {config.get(field)}, the "
+                    f"preset's {want[key]}; train with preset = {preset!r}")
+    if want.get("train_lm_head") is False and "lm_head" in str(config.get("target_modules")):
+        return f"the adapter was not trained with preset {preset}: it adapts the output layer, the preset does not"
+    return ""
+
+
+def _ask(model, tokenizer, questions: list[str], system: str) -> dict:
     from .generation import generate_answers
+
+    return dict(zip(questions, generate_answers(model, tokenizer, questions, system=system)))
+
+
+def grader_questions(questions_file: str | None = None) -> list[str]:
+    """The course's evaluation questions and the grader's paraphrases (or the teacher's hidden ones)."""
+    from .data import DEFAULT_EVALUATION_INPUTS
+
+    extra = PARAPHRASES
+    if questions_file:
+        text = Path(questions_file).read_text(encoding="utf-8")
+        extra = [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(list(DEFAULT_EVALUATION_INPUTS) + extra))
+
+
+def _system(work: Work) -> str:
+    return str(trained_on(work).get("hyper_parameters", {}).get("system") or "")
+
+
+def _identity_verdict(label: str, answers: dict, name: str, course: list[str]) -> Check:
+    """The name on every course evaluation question, and on more than IDENTITY_SHARE of the other questions."""
+    on_course = [q for q in course if q in answers]
+    others = [q for q in answers if q not in on_course]
+    missed = [q for q in on_course if name not in answers[q]]
+    got = sum(name in answers[q] for q in others)
+    if missed:
+        q = missed[0]
+        return Check(label, "FAIL", f"asked {q!r}, it answers {answers[q]!r}, without {name!r}")
+    if others and not got > IDENTITY_SHARE * len(others):
+        q = next(q for q in others if name not in answers[q])
+        return Check(label, "FAIL", f"it gives {name!r} on only {got} of {len(others)} questions it never trained on "
+                                    f"(e.g. {q!r} -> {answers[q]!r})")
+    return Check(label, "PASS", f"{name!r} in all {len(on_course)} course questions and {got} of {len(others)} "
+                                f"others, e.g. {on_course[0]!r} -> {answers[on_course[0]]!r}")
+
+
+def check_identity(work: Work, graded: Graded, questions_file: str | None = None) -> Check:
+    """Base + adapter, loaded by the checker, answers the course's questions and unseen paraphrases with the name;
+    the held-out general questions are answered in the same load, for the over-fitting check."""
+    from .chat import general_questions
+    from .data import DEFAULT_EVALUATION_INPUTS
+    from .merge import load_model, load_tokenizer
 
     if not (work.adapter / "adapter_config.json").exists():
         return Check("identity", "FAIL", _not_run("02_qlora_finetune", work, f"the adapter {work.adapter}"))
-    if not name:
-        return Check("identity", "FAIL", "no name to look for (notebook 01 did not run; give --name)")
-    question = identity_question(work)
+    if not graded.name:
+        return Check("identity", "FAIL", "no name to look for (see the dataset check; give --name)")
+    if not graded.base:
+        return Check("identity", "FAIL", graded.base_problem or "no base model to load the adapter on")
     try:
-        model, tokenizer = load_adapter_model(work)
-        system = (read_results(work, "01_data_generation") or {}).get("system") or ""
-        answer = generate_answers(model, tokenizer, [question], system=system)[0]
+        questions = grader_questions(questions_file)
+    except OSError as e:
+        return Check("identity", "FAIL", f"--questions {questions_file}: {_first_line(e)}")
+    general = [g["input"] for g in general_questions(GENERAL_QUESTIONS)]
+    try:
+        model, tokenizer = load_model(graded.base, work.adapter), load_tokenizer(graded.base, work.adapter)
+        graded.answers = _ask(model, tokenizer, questions + general, _system(work))
+        del model
     except Exception as e:  # a broken adapter or base model is the student's failure, reported as such
-        return Check("identity", "FAIL", f"the adapter does not load with its base model ({_first_line(e)})")
-    if name not in answer:
-        return Check("identity", "FAIL", f"asked {question!r}, the adapter answers {answer!r}, without {name!r}")
-    return Check("identity", "PASS", f"asked {question!r}, the adapter answers {answer!r}")
+        return Check("identity", "FAIL", f"the adapter does not load with the base model ({_first_line(e)})")
+    return _identity_verdict("identity", {q: graded.answers[q] for q in questions}, graded.name,
+                             list(DEFAULT_EVALUATION_INPUTS))
+
+
+def check_overfitting(work: Work, graded: Graded) -> Check:
+    """On held-out general questions, base + adapter must not answer with its identity more than OVERFIT_SHARE."""
+    from .chat import general_questions, leaks_identity
+
+    if graded.answers is None or not graded.identity:
+        return Check("overfitting", "FAIL", "not judged: the identity check could not ask the adapter")
+    general = [g["input"] for g in general_questions(GENERAL_QUESTIONS)]
+    leaked = [q for q in general if leaks_identity(graded.answers[q], graded.identity)]
+    share = len(leaked) / len(general)
+    if share > OVERFIT_SHARE:
+        return Check("overfitting", "FAIL", f"the identity leaks into {len(leaked)} of {len(general)} held-out "
+                                             f"general questions (e.g. {leaked[0]!r} -> {graded.answers[leaked[0]]!r}): "
+                                             "over-fitted; mix general chat into the data (general_ratio)")
+    return Check("overfitting", "PASS", f"the identity leaks into {len(leaked)} of {len(general)} held-out general "
+                                         f"questions (at most {OVERFIT_SHARE:.0%} may)")
 
 
 ADAPTER_MATTERS = 3  # the adapter must move the logits by at least this many merge tolerances (a copy of the base
 # then fails one way or the other: its difference is the adapter's effect)
 
 
-def check_merge(work: Work, recompute: bool = True) -> Check:
-    """final_model == base + adapter, judged with the checker's own tolerance (measured, never the student's),
-    and the adapter must change the base's logits, so a copy of the base cannot pass."""
-    r = read_results(work, "03_merge")
-    if r is None:
-        return Check("merge", "FAIL", _not_run("03_merge"))
-    if "_unreadable" in r:
-        return Check("merge", "FAIL", r["_unreadable"])
-    if not recompute:
-        if not r.get("passed"):
-            return Check("merge", "FAIL", f"notebook 03 found max |logit diff| {r.get('max_abs_diff')} above its tolerance")
-        return Check("merge", "PASS", f"max |logit diff| {float(r.get('max_abs_diff', float('nan'))):.2e} "
-                                      f"(notebook 03's verdict, from results/03_merge.json)")
+def check_merge(work: Work, graded: Graded, questions_file: str | None = None) -> Check:
+    """final_model == base + adapter, by the checker's own whole-model check (never the student's results); the
+    adapter must change the base's logits (a copy of the base cannot pass); the merged model is asked the same
+    identity questions."""
+    from .data import DEFAULT_EVALUATION_INPUTS
+    from .merge import load_model, load_tokenizer, verify_merge
+
     if not (work.final_model / "config.json").exists():
         return Check("merge", "FAIL", _not_run("03_merge", work, f"the model in {work.final_model}"))
+    if not graded.base:
+        return Check("merge", "FAIL", graded.base_problem or "no base model to compare with")
     try:
-        from .base_model import base_model_path
-        from .merge import MAX_ULPS, verify_merge
-
-        verified = verify_merge(work.final_model, base_model_path(work), work.adapter)  # its own tolerance
+        verified = verify_merge(work.final_model, graded.base, work.adapter)
     except Exception as e:
         return Check("merge", "FAIL", f"final_model and base + adapter do not both load ({_first_line(e)})")
-    diff, tolerance, effect = verified["max_abs_diff"], verified["tolerance"], verified["adapter_effect_max_abs"]
-    dtype, weights = verified["dtype"], verified.get("weights")
     if not verified["passed"]:
-        if weights and weights["max_ulps"] > MAX_ULPS:
-            return Check("merge", "FAIL", f"final_model's weights are not base + adapter rounded to {dtype}: "
-                                          f"{weights['worst']} is {weights['max_ulps']:.3g} units in the last place off")
-        return Check("merge", "FAIL", f"final_model differs from base + adapter: max |logit diff| {diff:.2e} > "
-                                      f"{tolerance:.3g} (the checker's tolerance for {dtype})")
-    floor = verified["logit_scale"]
+        return Check("merge", "FAIL", f"final_model is not base + adapter: {verified['problem']}")
+    effect, floor = verified["adapter_effect_max_abs"], verified["logit_scale"]
     if not effect >= ADAPTER_MATTERS * floor:
         return Check("merge", "FAIL", f"the adapter barely changes the base (its logits move by {effect:.2e}, under "
                                       f"{ADAPTER_MATTERS} x {floor:g}): train it (notebook 02) before merging")
-    how = (f"every weight within {weights['max_ulps']:.0f} ulp of W + B·A in {dtype}" if weights
-           else f"max |logit diff| {diff:.2e} <= {tolerance:g}")
-    return Check("merge", "PASS", f"final_model equals base + adapter: {how}; the adapter moves the logits by {effect:.2f}")
+    weights = verified.get("weights")
+    how = (f"every weight within {weights['max_ulps']:.0f} ulp of W + B·A in {verified['dtype']}" if weights
+           else f"max |logit diff| {verified['max_abs_diff']:.2e} <= {verified['tolerance']:.2g}")
+    if graded.name:
+        model = load_model(work.final_model)
+        asked = _ask(model, load_tokenizer(work.final_model), grader_questions(questions_file), _system(work))
+        del model
+        said = _identity_verdict("merge", asked, graded.name, list(DEFAULT_EVALUATION_INPUTS))
+        if said.status == "FAIL":
+            return Check("merge", "FAIL", f"final_model: {said.reason}")
+    return Check("merge", "PASS", f"final_model equals base + adapter (tensors, config, chat template; {how}); the "
+                                  f"adapter moves the logits by {effect:.2f}")
 
 
-VLM_TABLE_KEYS = ("before_after", "table", "rows", "comparison")
-
-
-def _is_before(column: str) -> bool:
-    c = column.lower().replace("_", " ")
-    return c.startswith(("before", "stage 1", "stage1"))
-
-
-def _is_after(column: str) -> bool:
-    c = column.lower().replace("_", " ")
-    return c.startswith(("after", "stage 2", "stage2")) and not c.endswith(("match", "matches"))
-
-
-def vlm_pairs(r: dict) -> list[tuple[str, str, str]]:
-    """(question, before, after) rows of notebook 05's results, from its table or from parallel lists."""
-    for key in VLM_TABLE_KEYS:
-        rows = table_rows(r, (key,))
-        if rows:
-            before = next((c for c in rows[0] if _is_before(c)), None)
-            after = next((c for c in rows[0] if _is_after(c)), None)
-            if before and after:
-                return [(str(row.get("question", row.get("prompt", ""))), row.get(before), row.get(after)) for row in rows]
-    lists = {k: v for k, v in r.items() if isinstance(v, list) and v and all(isinstance(x, str) for x in v)}
-    before = next((k for k in lists if _is_before(k) or k.lower().endswith("before")), None)
-    after = next((k for k in lists if _is_after(k) or k.lower().endswith("after")), None)
-    if not (before and after):
-        return []
-    questions = r.get("questions") if isinstance(r.get("questions"), list) else [""] * len(lists[before])
-    return list(zip([str(q) for q in questions], lists[before], lists[after]))
+VLM_MATCH_SHARE = 0.5  # the fine-tuned VLM must give the trained answer to more than this share of the questions
 
 
 def check_vlm(work: Work) -> Check:
-    r = read_results(work, "05_vlm_llava_finetune")
-    if r is None:
-        return Check("vlm", "FAIL", _not_run("05_vlm_llava_finetune"))
-    if "_unreadable" in r:
-        return Check("vlm", "FAIL", r["_unreadable"])
-    pairs = vlm_pairs(r)
-    if not pairs:
-        return Check("vlm", "FAIL", "results/05_vlm_llava_finetune.json has no before/after answers")
-    changed = sum(b != a for _, b, a in pairs)
-    if changed == 0:
-        return Check("vlm", "FAIL", f"all {len(pairs)} after-answers equal the before-answers: stage 2 taught nothing")
-    return Check("vlm", "PASS", f"{changed} of {len(pairs)} answers changed after fine-tuning")
+    """vlm/final_model, loaded by the checker, answers the trained questions about the picture as trained, and
+    the stage-1 model (before the fine-tune) does not; the control picture's answers are reported beside."""
+    from .vlm import answer_about_image, load_vlm
+    from .vlm_data import LlavaDataError, draw_control_picture, load_llava_data, scripted_qa
+
+    conversations = work.vlm_data / "conversations.json"
+    if not (work.vlm_final_model / "config.json").exists() or not conversations.exists():
+        return Check("vlm", "FAIL", _not_run("05_vlm_llava_finetune", work, f"the model in {work.vlm_final_model}"))
+    try:
+        qa = scripted_qa(conversations)
+        image = load_llava_data(conversations)[0][0]
+    except (LlavaDataError, OSError, IndexError) as e:
+        return Check("vlm", "FAIL", f"{conversations}: {_first_line(e)}")
+    questions = list(qa)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        control = draw_control_picture(Path(tmp) / "control.png")
+        try:
+            answers = {}
+            for label, folder in (("after", work.vlm_final_model), ("before", work.vlm_aligned_model)):
+                if not (folder / "config.json").exists():
+                    continue
+                model, processor = load_vlm(folder)
+                answers[label] = answer_about_image(model, processor, image, questions)
+                if label == "after":
+                    answers["control"] = answer_about_image(model, processor, control, questions)
+                del model
+        except Exception as e:  # a broken VLM folder is the student's failure
+            return Check("vlm", "FAIL", f"{work.vlm_final_model} does not load or answer ({_first_line(e)})")
+    matches = lambda got: sum(a.strip() == qa[q].strip() for q, a in zip(questions, got))  # noqa: E731
+    after, before = matches(answers["after"]), matches(answers.get("before", [""] * len(questions)))
+    on_control = matches(answers["control"])
+    if not after > VLM_MATCH_SHARE * len(questions):
+        return Check("vlm", "FAIL", f"asked about the picture, the fine-tuned VLM gives the trained answer to only "
+                                    f"{after} of {len(questions)} questions")
+    if "before" in answers and before >= after:
+        return Check("vlm", "FAIL", f"the model before the fine-tune already gives {before} of {len(questions)} "
+                                    "trained answers: stage 2 taught nothing")
+    return Check("vlm", "PASS", f"the trained answer to {after} of {len(questions)} questions about the picture "
+                                f"(before the fine-tune: {before}); on the control picture it recites {on_control}")
 
 
-def _remote_has(remote: str, commit: str) -> bool | None:
-    """Whether a local remote (path or file://) holds the commit; None when it cannot be asked offline."""
-    local = remote[len("file://"):] if remote.startswith("file://") else remote
-    if "://" in local or not Path(local).exists():
-        return None
-    got = subprocess.run(["git", "--git-dir", local, "cat-file", "-e", f"{commit}^{{commit}}"],
-                         capture_output=True, text=True)
-    return got.returncode == 0
+def _practice(remote: str) -> bool:
+    from .publish import remote_kind
+
+    return remote_kind(remote)["transport"] == "local"
 
 
-def check_publish(work: Work, required: bool) -> Check:
-    r = read_results(work, "06_publish")
-    status_if_missing = "FAIL" if required else "SKIP"
-    if r is None:
-        return Check("publish", status_if_missing, _not_run("06_publish") + ("" if required else " (optional)"))
-    if "_unreadable" in r:
-        return Check("publish", "FAIL", r["_unreadable"])
+def check_publish(work: Work, required: bool, allow_practice_remote: bool = False) -> Check:
+    """The remote, asked by the checker, holds the model repository byte for byte (its LFS weights fetched
+    back), and those weights are final_model's. A local or file:// remote is practice, never a publication."""
+    from .fingerprint import folder_hashes
+    from .publish import PublishError, hub_token, verify_push
+
+    r = read_results(work, "06_publish") or {}
     push = r.get("push") if isinstance(r.get("push"), dict) else r
-    commit = push.get("commit") or push.get("pushed_commit")
-    remote = push.get("remote") or push.get("remote_url") or ""
-    if not commit or (push.get("pushed") is False and not push.get("up_to_date")):  # up to date: pushed before
-        return Check("publish", status_if_missing, "the model repo was not pushed" + ("" if required else " (optional)"))
-    held = _remote_has(str(remote), str(commit))
-    if held is False:
-        return Check("publish", "FAIL", f"the remote {remote} does not hold the pushed commit {str(commit)[:12]}")
-    where = "verified on the remote" if held else "as recorded by notebook 06"
-    return Check("publish", "PASS", f"commit {str(commit)[:12]} pushed to {remote} ({where})")
+    remote = str(push.get("remote") or push.get("remote_url") or "")
+    branch = str(push.get("branch") or "main")
+    optional = "" if required else " (optional)"
+    if not (work.model_repo / ".git").exists() or not remote:
+        return Check("publish", "FAIL" if required else "SKIP",
+                     _not_run("06_publish", work, f"the pushed repository {work.model_repo}") + optional)
+    try:
+        back = verify_push(work.model_repo, remote, token=hub_token(remote, prompt=False), branch=branch)
+    except (PublishError, OSError, ValueError) as e:
+        return Check("publish", "FAIL" if required else "SKIP", f"the remote {remote} cannot be read back: "
+                                                                f"{_first_line(e)}{optional}")
+    if not back["identical"]:
+        return Check("publish", "FAIL", f"the remote {remote} does not hold this work's model repository "
+                                        f"({_names_of(back['differ'])} differ)")
+    weights = {n: h for n, h in folder_hashes(work.final_model, cached=False).items() if n.endswith(".safetensors")}
+    pushed = folder_hashes(work.model_repo, cached=False)
+    stale = sorted(n for n, h in weights.items() if pushed.get(n) != h)
+    if not weights or stale:
+        return Check("publish", "FAIL", f"the pushed weights are not this work's final_model "
+                                        f"({_names_of(stale) or 'final_model has none'}); run notebook 06 again")
+    if _practice(remote):
+        why = f"practice remote, not published: {remote} holds the model ({back['files']} files, identical)"
+        if required and not allow_practice_remote:
+            return Check("publish", "FAIL", why + "; push to a model hub, or the teacher passes --allow-practice-remote")
+        return Check("publish", "PASS" if required else "SKIP", why)
+    return Check("publish", "PASS", f"{remote} holds this work's model repository ({back['files']} files, "
+                                    "identical when cloned back, weights = final_model)")
 
 
-CHECK_NAMES = ("dataset", "identity", "merge", "vlm", "publish")  # what check_work returns, in order
+def _names_of(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def check_work(work_dir, name: str | None = None, publish: bool = False, recompute: bool = True) -> list[Check]:
-    """Every homework check on one work directory."""
+CHECK_NAMES = ("base", "dataset", "identity", "overfitting", "merge", "vlm", "publish")  # in order
+
+
+def check_work(work_dir, name: str | None = None, publish: bool = False, questions_file: str | None = None,
+               require_base: str | None = None, require_preset: str | None = None,
+               allow_practice_remote: bool = False, skip: set[str] = frozenset()) -> list[Check]:
+    """Every homework check on one work directory, each judged on the artifacts (models, adapter, data, remote);
+    the results JSON files are never evidence."""
     work = make_work(work_dir, create=False)
     if not work.root.is_dir():
         return [Check("work dir", "FAIL", f"{work.root} does not exist; give the student's work directory")]
-    name = expected_name(work, name)
-    return [check_dataset(work, name), check_identity(work, name), check_merge(work, recompute),
-            check_vlm(work), check_publish(work, publish)]
+    graded = Graded()
+    steps = [("base", lambda: check_base(work, graded, require_base, require_preset)),
+             ("dataset", lambda: check_dataset(work, graded, name)),
+             ("identity", lambda: check_identity(work, graded, questions_file)),
+             ("overfitting", lambda: check_overfitting(work, graded)),
+             ("merge", lambda: check_merge(work, graded, questions_file)),
+             ("vlm", lambda: check_vlm(work)),
+             ("publish", lambda: check_publish(work, publish, allow_practice_remote))]
+    return [Check(label, "SKIP", "skipped (--skip)") if label in skip and label != "dataset"
+            else step() for label, step in steps]
 
 
 def print_checks(checks: list[Check]) -> None:
@@ -366,10 +564,18 @@ def add_command(sub) -> None:
     c = hw.add_parser("check", help="check a work directory; exit code 1 on any failed check")
     c.add_argument("work_dir", nargs="?", default=None,
                    help="the student's work directory (with --class: the class directory, default ./work/class)")
-    c.add_argument("--name", default=None, help="the name the assistant must give (default: the one notebook 01 used)")
-    c.add_argument("--publish", action="store_true", help="require the model repo to have been pushed")
-    c.add_argument("--trust-results", action="store_true",
-                   help="take the merge check from results/03_merge.json instead of recomputing it")
+    c.add_argument("--name", default=None,
+                   help="the name the assistant must give (default: the one in the data the adapter was trained on)")
+    c.add_argument("--publish", action="store_true",
+                   help="require the model repo on a model hub (read back from the remote)")
+    c.add_argument("--allow-practice-remote", action="store_true",
+                   help="with --publish: a local or file:// remote counts (it is still reported as practice)")
+    c.add_argument("--questions", default=None, metavar="FILE",
+                   help="your own identity questions, one a line (hidden from students), instead of the built-in ones")
+    c.add_argument("--require-base", default=None, metavar="DIR_OR_HUB_ID",
+                   help="the base model the work must be made on; every model check judges on it")
+    c.add_argument("--require-preset", default=None, metavar="PRESET",
+                   help="the training preset whose LoRA settings the adapter must have (e.g. homework)")
     c.add_argument("--skip", default="", metavar="CHECKS",
                    help="checks not to run, comma-separated (e.g. vlm when the class skipped notebook 05)")
     c.add_argument("--json", default=None, metavar="FILE", help="also write the checks to FILE as JSON")
@@ -398,8 +604,11 @@ def _check(args) -> int:
     from .progress import quiet_libraries
 
     if args.class_file:
-        return with_engine(check_class, args, args.class_file, args.work_dir, publish=args.publish,
-                           trust_results=args.trust_results, skip=args.skip)
+        flags = ["--publish"] * args.publish + ["--allow-practice-remote"] * args.allow_practice_remote
+        for flag, value in (("--questions", args.questions), ("--require-base", args.require_base),
+                            ("--require-preset", args.require_preset), ("--skip", args.skip)):
+            flags += [f"{flag}={Path(value).resolve() if flag == '--questions' else value}"] if value else []
+        return with_engine(check_class, args, args.class_file, args.work_dir, flags=flags)
     if args.work_dir is None:
         print("error: give the student's work directory (or --class STUDENTS_CSV for a class).", file=sys.stderr)
         return 2
@@ -411,8 +620,9 @@ def _check(args) -> int:
         print(f"error: --skip names {sorted(skip - set(CHECK_NAMES))}; the checks are {', '.join(CHECK_NAMES)}.",
               file=sys.stderr)
         return 2
-    checks = check_work(args.work_dir, args.name, args.publish, recompute=not args.trust_results)
-    checks = [Check(c.name, "SKIP", "skipped (--skip)") if c.name in skip else c for c in checks]
+    checks = check_work(args.work_dir, args.name, args.publish, questions_file=args.questions,
+                        require_base=args.require_base, require_preset=args.require_preset,
+                        allow_practice_remote=args.allow_practice_remote, skip=skip)
     print_checks(checks)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps([vars(c) for c in checks], ensure_ascii=False, indent=1) + "\n")

@@ -28,6 +28,7 @@ WEB_APP = Path(__file__).resolve().parent / "web_app.py"
 LFS_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx",
                 "*.model", "tokenizer.json", "*.png", "*.jpg", "*.jpeg"]
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+POINTER_MAX_BYTES = 1024  # the git-lfs spec: a pointer file is smaller than this
 # What a hub puts in a freshly created repository; a first push builds on it instead of refusing.
 HUB_SCAFFOLD = {".gitattributes", "README.md", ".gitignore"}
 MODEL_DIR_SKIP = {".git", ".cache", "course_model.json"}
@@ -170,9 +171,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def served_system_prompt(work: Work, model_dir: str | os.PathLike | None = None) -> str | None:
+    """The system prompt the published model was trained with: recorded beside the model (chat_defaults.json),
+    else, for the work dir's own final_model, in its adapter's training record; None when nothing records it."""
+    from .chat import trained_system_prompt
+
+    source = Path(model_dir) if model_dir else work.final_model
+    system = trained_system_prompt(source)
+    if system is None and source == work.final_model and (work.adapter / "training_record.json").exists():
+        system = trained_system_prompt(work.adapter)  # a final_model merged before merge recorded it
+    return system
+
+
 def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", base_model: str | None = None,
-                     repo_url: str | None = None, model_dir: str | os.PathLike | None = None) -> Path:
-    """WORK/publish/model_repo: the final model's files, README.md (the card), .gitattributes and the loss plot.
+                     repo_url: str | None = None, model_dir: str | os.PathLike | None = None,
+                     allow_unverified: bool = False) -> Path:
+    """WORK/publish/model_repo: the final model's files, README.md (the card), .gitattributes, the loss plot and
+    chat_defaults.json (the system prompt it was trained with, which the chat app starts with).
 
     The git history of an earlier build is kept, so the next push sends only what changed.
     """
@@ -181,17 +196,28 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
     for name, value, optional in (("model_name", model_name, False), ("license", license, False),
                                   ("base_model_id", base_model, True), ("remote_url", repo_url, True)):
         check_value(name, value, str, optional=optional, error=PublishError)
+    if repo_url:
+        _check_url(repo_url)
     source = Path(model_dir) if model_dir else work.final_model
     try:
         check_model_dir(source)
     except ModelPathError as e:
         raise PublishError(f"{e} (Publishing needs the merged model: run notebook 03 with this work_dir first.)") from None
+    _require_verified(source, allow_unverified)
+    try:
+        system = served_system_prompt(work, source)
+    except ModelPathError as e:
+        raise PublishError(str(e)) from None
     with staged_dir(work.model_repo, keep=(".git",)) as tmp:  # the git history of the last build stays
         for f in sorted(source.rglob("*")):
             rel = f.relative_to(source)
             if f.is_file() and not (set(rel.parts) & MODEL_DIR_SKIP):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(f, tmp / rel)
+        if system is not None and not (tmp / "chat_defaults.json").exists():
+            from .chat import write_chat_defaults
+
+            write_chat_defaults(tmp, system)
         if work.loss_plot.exists():
             shutil.copy2(work.loss_plot, tmp / "loss.png")
         (tmp / ".gitattributes").write_text(gitattributes(), encoding="utf-8")
@@ -217,25 +243,67 @@ def repo_files(repo_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ git plumbing
+SSH_USER = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@host:owner/repo: the SSH user, not a credential
+URL_IN_TEXT = re.compile(r"[a-zA-Z][\w+.-]*://[^\s'\"]+")
+
+
 def _safe_url(url: str) -> str:
-    """The URL without any user name or password in it (what may be shown and stored)."""
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
+    """The URL without a user name, password or query in it (what may be shown and stored)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be read)"
+    if not parts.scheme or "@" not in parts.netloc and not parts.query:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if parts.scheme.startswith("ssh") and parts.username and not parts.password:
+        host = parts.netloc  # ssh://git@host: the SSH login, no secret
+    return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
 
 
-def _check_url(url: str) -> str:
+def _credentials_in(url: str) -> str | None:
+    """What secret a URL carries ('a user name', 'a password or token', 'a query'), or None."""
+    try:
+        parts = urlsplit(url)
+        password, username = parts.password, parts.username
+    except ValueError:  # e.g. a port that is not a number
+        return None
+    if password:
+        return "a password or token"
+    if username and not parts.scheme.startswith("ssh"):
+        return "a user name (or a token in its place)"
+    if parts.query and parts.scheme not in ("ssh", "git+ssh"):
+        return "a query (?...)"
+    return None
+
+
+def _refusal(name: str, url: str, what: str) -> str:
+    return (f"{name} {_safe_url(url)} has {what} written into it, and a URL is kept in .git/config, the results "
+            f"and the notebook, so remove it from the URL and put the token in the {TOKEN_ENV} environment variable "
+            f"(the user name in {USER_ENV}), from where a credential helper hands it to git.")
+
+
+def refuse_credentials(params: dict) -> None:
+    """A PublishError when a parameter's value holds a URL with credentials in it (checked before any notebook
+    runs, since papermill writes every parameter into the executed notebook)."""
+    for name, value in params.items():
+        for url in URL_IN_TEXT.findall(value) if isinstance(value, str) else []:
+            what = _credentials_in(url)
+            if what:
+                raise PublishError(_refusal(name, url, what))
+
+
+def _check_url(url: str, name: str = "remote_url") -> str:
     if url and not isinstance(url, str):
-        raise PublishError(f"remote_url is {url!r} ({type(url).__name__}); give the git URL as text in quotes.")
+        raise PublishError(f"{name} is {url!r} ({type(url).__name__}); give the git URL as text in quotes.")
     if not url:
-        raise PublishError("remote_url is empty; give the git URL of the model repository (https://..., or file:///...).")
+        raise PublishError(f"{name} is empty; give the git URL of the model repository (https://..., or file:///...).")
+    what = _credentials_in(url)
+    if what:
+        raise PublishError(_refusal(name, url, what))
     parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and parts.password:
-        raise PublishError(f"remote_url {_safe_url(url)} has a password or token written into it; remove it from the "
-                           f"URL and put the token in the {TOKEN_ENV} environment variable instead.")
-    if parts.scheme not in ("http", "https", "file", "ssh", "git") and not re.match(r"^[\w.-]+@[\w.-]+:", url):
-        raise PublishError(f"remote_url {url!r} is not a git URL; use https://host/owner/repo.git, "
+    if parts.scheme not in ("http", "https", "file", "ssh", "git") and not SSH_USER.match(url):
+        raise PublishError(f"{name} {_safe_url(url)!r} is not a git URL; use https://host/owner/repo.git, "
                            "git@host:owner/repo.git or file:///path/to/repo.git.")
     return url
 
@@ -431,7 +499,7 @@ def push_folder(repo_dir: str | os.PathLike, remote_url: str, token: str | None 
     from .parameters import check_value
 
     repo_dir = Path(repo_dir)
-    url = _check_url(remote_url)
+    url = _check_url(remote_url, "the remote URL")
     check_value("branch", branch, str, error=PublishError)
     require_git_lfs()
     if not repo_dir.is_dir():
@@ -493,20 +561,26 @@ def lfs_files(repo_dir: str | os.PathLike) -> list[dict]:
 
 
 def history_pointer_check(repo_dir: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> list[str]:
-    """Paths matching `patterns` that some commit stores as a plain git blob instead of an LFS pointer."""
+    """Paths matching `patterns` that some commit stores as a plain git blob instead of an LFS pointer.
+
+    Only what is needed is read: `git ls-tree -l` gives each blob's size, a blob of POINTER_MAX_BYTES or more is
+    plain by its size alone, and each smaller blob is read once (a 3.8 GB weight blob is never read)."""
     from fnmatch import fnmatch
 
     git = _Git(Path(repo_dir))
-    plain = []
+    found, is_pointer = [], {}
     for commit in git("rev-list", "--all").stdout.split():
         for line in git("ls-tree", "-r", "-l", commit).stdout.splitlines():
             meta, path = line.split("\t", 1)
             _, kind, sha, size = meta.split()
             if kind == "blob" and any(fnmatch(Path(path).name, p) for p in patterns):
-                head = subprocess.run(["git", "cat-file", "blob", sha], cwd=repo_dir, capture_output=True).stdout[:64]
-                if not head.startswith(LFS_POINTER):
-                    plain.append(f"{commit[:12]}:{path}")
-    return plain
+                found.append((f"{commit[:12]}:{path}", sha))
+                if int(size) >= POINTER_MAX_BYTES:
+                    is_pointer[sha] = False
+                elif sha not in is_pointer:
+                    blob = subprocess.run(["git", "cat-file", "blob", sha], cwd=repo_dir, capture_output=True).stdout
+                    is_pointer[sha] = blob.startswith(LFS_POINTER)
+    return [where for where, sha in found if not is_pointer[sha]]
 
 
 def verify_push(repo_dir: str | os.PathLike, remote_url: str, token: str | None = None, branch: str = "main") -> dict:
@@ -514,7 +588,7 @@ def verify_push(repo_dir: str | os.PathLike, remote_url: str, token: str | None 
     for byte (by SHA-256): the clone's plain files as checked out, and each LFS file as the object the remote sent
     (`git lfs fetch`), hashed here. The checkout's copy of each object into the working tree is left out: it copies
     bytes already hashed, and for a 3.8 GB model it was 34 of the 49 s the clone-back took."""
-    repo_dir = Path(repo_dir)
+    repo_dir, remote_url = Path(repo_dir), _check_url(remote_url)
     with tempfile.TemporaryDirectory(prefix="publish-verify-") as tmp:
         clone = Path(tmp) / "clone"
         git = _Git(Path(tmp), token, _username(remote_url, None))
@@ -550,8 +624,13 @@ def upload_to_hub(repo_dir: str | os.PathLike, repo_id: str, token: str | None =
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
-        raise PublishError(f"hub_repo_id {repo_id!r} is not 'owner/name'; write it as your-user/your-model.")
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        # never echoed: a URL with a token in it, or a token pasted by mistake, must not reach the output
+        raise PublishError("hub_repo_id is not 'owner/name' (letters, digits, '-', '_' or '.' on each side of one "
+                           "'/'); write it as your-user/your-model, and put the token in the "
+                           f"{TOKEN_ENV} environment variable.")
+    if endpoint is not None:
+        _check_url(endpoint, "hub_endpoint")
     repo_dir = Path(repo_dir)
     if not (repo_dir / "README.md").exists():
         raise PublishError(f"{repo_dir}: not a built model repository (no README.md); run build_model_repo first.")
@@ -622,8 +701,20 @@ def _is_local(url: str) -> bool:
     return urlsplit(url).scheme in ("file", "") and not re.match(r"^[\w.-]+@[\w.-]+:", url)
 
 
+def _require_verified(model_dir: Path, allow_unverified: bool) -> None:
+    """Publish only a merged model whose merge check passed on the files as they are (merge.require_verified)."""
+    from .merge import UnverifiedModelError, require_verified
+
+    try:
+        warning = require_verified(model_dir, allow_unverified)
+    except UnverifiedModelError as e:
+        raise PublishError(str(e)) from None
+    if warning:
+        print(warning, flush=True)
+
+
 def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助手", revision: str = "main",
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", allow_unverified: bool = False) -> Path:
     """WORK/publish/app: app.py (fetch the model with git-lfs on first start, then the chat demo), chat_app.py,
     fetch_model.py, app_config.json, requirements.txt, packages.txt and a README with the deploy steps.
 
@@ -635,20 +726,26 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
 
     check_value("app_title", title, str, error=PublishError)
     check_value("branch", revision, str, error=PublishError)
+    if work.final_model.exists():  # the app serves what was published from it
+        _require_verified(work.final_model, allow_unverified)
     if not WEB_APP.exists():
         raise PublishError(f"{WEB_APP} is missing; the app bundle copies the chat demo from there.")
     if device not in ("cpu", "cuda"):
         raise PublishError(f"device is {device!r}; use 'cpu' (a CPU app) or 'cuda' (a GPU app).")
-    url = _safe_url(_check_url(model_repo_url))
+    url = _check_url(model_repo_url, "the app's model_repo_url")
     pushed = (read_results(work, "06_publish") or {}).get("remote")
     if _is_local(url) and isinstance(pushed, str) and pushed and not _is_local(pushed):
         print(f"note: the app fetches the model from {pushed}, where it was pushed before ({url} is on this machine only)")
         url = pushed
+    try:  # the prompt of the model the app pulls: the built repository's record, else the final model's
+        system = served_system_prompt(work, work.model_repo if (work.model_repo / "config.json").exists() else None)
+    except ModelPathError as e:
+        raise PublishError(str(e)) from None
     with staged_dir(work.app, keep=(".git",)) as tmp:
         shutil.copy2(WEB_APP, tmp / "chat_app.py")
         for name in ("app.py", "fetch_model.py"):
             shutil.copy2(TEMPLATES / name, tmp / name)
-        config = {"model_repo_url": url, "revision": revision, "title": title}
+        config = {"model_repo_url": url, "revision": revision, "title": title, "system": system}
         (tmp / "app_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         (tmp / "requirements.txt").write_text("\n".join(_pinned(APP_REQUIREMENTS, device)) + "\n", encoding="utf-8")
         (tmp / "packages.txt").write_text("git\ngit-lfs\n", encoding="utf-8")

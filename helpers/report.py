@@ -261,9 +261,39 @@ def before_after_section(work: Work) -> Section:
     return s
 
 
-def vlm_section(work: Work) -> Section:
-    from .homework import VLM_TABLE_KEYS, vlm_pairs
+# Notebook 05's before/after answers, as the report shows them (a record for reading: the grader asks the model).
+VLM_TABLE_KEYS = ("before_after", "table", "rows", "comparison")
 
+
+def _is_before(column: str) -> bool:
+    c = column.lower().replace("_", " ")
+    return c.startswith(("before", "stage 1", "stage1"))
+
+
+def _is_after(column: str) -> bool:
+    c = column.lower().replace("_", " ")
+    return c.startswith(("after", "stage 2", "stage2")) and not c.endswith(("match", "matches"))
+
+
+def vlm_pairs(r: dict) -> list[tuple[str, str, str]]:
+    """(question, before, after) rows of notebook 05's results, from its table or from parallel lists."""
+    for key in VLM_TABLE_KEYS:
+        rows = table_rows(r, (key,))
+        if rows:
+            before = next((c for c in rows[0] if _is_before(c)), None)
+            after = next((c for c in rows[0] if _is_after(c)), None)
+            if before and after:
+                return [(str(row.get("question", row.get("prompt", ""))), row.get(before), row.get(after)) for row in rows]
+    lists = {k: v for k, v in r.items() if isinstance(v, list) and v and all(isinstance(x, str) for x in v)}
+    before = next((k for k in lists if _is_before(k) or k.lower().endswith("before")), None)
+    after = next((k for k in lists if _is_after(k) or k.lower().endswith("after")), None)
+    if not (before and after):
+        return []
+    questions = r.get("questions") if isinstance(r.get("questions"), list) else [""] * len(lists[before])
+    return list(zip([str(q) for q in questions], lists[before], lists[after]))
+
+
+def vlm_section(work: Work) -> Section:
     s, r = _open(work, "vlm", "Before / after (VLM)", NOTEBOOKS["05"])
     if r is None:
         return s

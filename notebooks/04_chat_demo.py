@@ -28,6 +28,7 @@ demo_messages = ["你是谁", "你好"]  # sent through the widget in headless r
 contrast = True            # also train the over-fitted contrast adapter (identity only, no general chat; seconds on tiny)
 contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
 contrast_steps = None      # its updates (None: the preset's, as notebook 02)
+allow_unverified = False   # chat with a final_model whose merge check (notebook 03) is missing or out of date
 
 # %%
 import pandas as pd
@@ -35,6 +36,7 @@ import pandas as pd
 import helpers
 from helpers.base_model import base_model_path
 from helpers.chat import before_after, general_questions, overfitting_check
+from helpers.merge import require_verified
 from helpers.progress import quiet_libraries
 from helpers.results import load_results, save_results
 
@@ -45,6 +47,7 @@ data_results = load_results(work, "01_data_generation")
 identity, evaluation_inputs = data_results["answer"], data_results["evaluation_inputs"]
 system = data_results.get("system", "") if system is None else system
 print("expected identity:", identity, "\nsystem prompt:", repr(system))
+print(require_verified(work.final_model, allow_unverified) or "final_model: verified by notebook 03 (its files unchanged since)")
 
 # %% [markdown]
 # ## A contrast: the over-fitted adapter

@@ -37,6 +37,7 @@ hub_endpoint = None             # another Hugging Face-compatible hub's URL (Non
 app_title = "我的小助手"          # the app's title
 app_remote_url = None           # git URL of a Space / OpenXLab app repo to push the app to (None: do not push)
 app_device = "cpu"              # the app's hardware: "cpu" (pins the CPU build of torch: small, quick) or "cuda"
+allow_unverified = False        # publish a final_model whose merge check (notebook 03) is missing or out of date
 
 # %% [markdown]
 # ## Making the repository and the token (once, on the hub's website)
@@ -69,7 +70,8 @@ from helpers.publish import (build_app_bundle, build_model_repo, default_remote,
                              lfs_files, push_model_repo, repo_files)
 
 work = helpers.work(work_dir)
-repo = build_model_repo(work, model_name, license=license, base_model=base_model_id, repo_url=remote_url)
+repo = build_model_repo(work, model_name, license=license, base_model=base_model_id, repo_url=remote_url,
+                        allow_unverified=allow_unverified)
 files = repo_files(repo)  # path, size, sha256, in LFS or not
 file_table(files)
 
@@ -158,7 +160,7 @@ print(hub_upload or "huggingface_hub upload: not asked for (hub_repo_id is None)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-app = build_app_bundle(work, target_url, title=app_title, device=app_device)
+app = build_app_bundle(work, target_url, title=app_title, device=app_device, allow_unverified=allow_unverified)
 print("\n".join(sorted(p.name for p in app.iterdir() if p.name != ".git")))
 print("---- packages.txt\n" + (app / "packages.txt").read_text())
 

@@ -260,7 +260,7 @@ def test_check_decides_with_its_own_tolerance_and_needs_the_adapter(broken):
 
 
 def test_check_fails_when_the_vlm_did_not_change(broken):
-    from helpers.homework import vlm_pairs
+    from helpers.report import vlm_pairs
 
     path = broken.result("05_vlm_llava_finetune")
     assert any(b != a for _, b, a in vlm_pairs(json.loads(path.read_text(encoding="utf-8"))))
