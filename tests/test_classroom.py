@@ -114,6 +114,9 @@ def test_bad_class_run_flags_are_one_sentence(tmp_path, capsys):
     ("student_id,name\n../x,B\n", "line 2: student_id '../x' cannot name a directory"),
     ("student_id,name\na,\n", "line 2: the name of a is empty"),
     ("student_id,name\n", "no students below the header"),
+    ('student_id,name\na,"Ann\nLee"\n', r"the name of a holds the control character '\\n' \(a line break"),
+    ("student_id,name\na,Ann\x00\n", r"the name of a holds the control character '\\x00'"),
+    ("student_id,name\na," + "A" * 1001 + "\n", "the name of a is 1001 characters long; shorten it to at most 1000"),
 ])
 def test_a_bad_class_file_is_one_sentence_naming_the_line(tmp_path, text, problem):
     path = tmp_path / "students.csv"
@@ -184,3 +187,196 @@ def test_a_gpu_share_out_of_range_is_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="between 0 and 1"):
         share_gpu()
+
+
+# ---------------------------------------------------------------- Ctrl-C: the teacher stops a class run
+def _wait_for(condition, what: str, timeout: float = 180):
+    """Poll `condition` until it holds (a bound, so a broken run fails the test instead of hanging it)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = condition()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _attempts(logs: Path) -> list[int]:
+    """The pid of every student process a class run started (each attempt's header in the logs)."""
+    return [int(p) for log in sorted(logs.glob("*.log"))
+            for p in re.findall(r"^=== attempt \d+ of \d+ \(pid (\d+)\)", log.read_text(encoding="utf-8"), re.M)]
+
+
+def _gone(pids) -> bool:
+    import psutil
+
+    return not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def _ctrl_c(proc) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to the foreground process group (the class run's)."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def _start(argv: list[str], out: Path):
+    import subprocess
+
+    return subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent, stdout=out.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # a process group, as in a terminal
+
+
+def test_ctrl_c_stops_a_class_run_starts_nobody_and_writes_the_summary(tmp_path, tiny_model_dir):
+    students = tmp_path / "students.csv"
+    students.write_text("student_id,name\ns1,小红\ns2,小刚\ns3,Alice\ns4,Bob\n", encoding="utf-8")
+    class_dir, out = tmp_path / "class", tmp_path / "out.txt"
+    run = _start([sys.executable, "-m", "helpers", "run", "--class", str(students), "--work-dir", str(class_dir),
+                  "--only", "00", "--workers", "2", "-p", "base_model", str(tiny_model_dir)], out)
+    logs = class_dir / "_logs" / "run"
+    try:
+        # Both workers' students inside their notebook: then the teacher presses Ctrl-C once.
+        _wait_for(lambda: logs.exists() and sum("running 00_environment.ipynb" in p.read_text(encoding="utf-8")
+                                                for p in logs.glob("*.log")) == 2, "two students running")
+        _ctrl_c(run)
+        assert run.wait(timeout=180) == 130
+    finally:
+        run.kill()
+    text = out.read_text(encoding="utf-8")
+    assert "Ctrl-C: stopping the 2 running student(s); 2 waiting will not start" in text
+    assert "class summary (0 of 4 passed, 4 interrupted)" in text
+    started = _attempts(logs)
+    assert len(started) == 2  # no retry, and the two waiting students never started
+    assert _gone(started)
+    with open(class_dir / "class_summary.csv", encoding="utf-8") as f:
+        rows = {r["student_id"]: r for r in csv.DictReader(f)}
+    assert {r["status"] for r in rows.values()} == {"interrupted"}
+    reasons = sorted(r["reason"] for r in rows.values())
+    assert reasons == ["not started: the class run was interrupted (Ctrl-C)"] * 2 + \
+                      ["stopped: the class run was interrupted (Ctrl-C)"] * 2
+    assert sorted(r["attempts"] for r in rows.values()) == ["0", "0", "1", "1"]
+    assert {r["notebooks"] for r in rows.values()} == {"0/1"}  # a notebook cut off half-way did not run
+
+
+STUBBORN = """
+import json, signal, sys, time
+from pathlib import Path
+from helpers import classroom
+from helpers.classroom import Task, run_local, run_slurm, SlurmOptions
+
+engine, folder = sys.argv[1], Path(sys.argv[2])
+classroom.STOP_GRACE_S = 600  # only a second Ctrl-C ends the wait for students that ignore SIGTERM
+# Each student ignores SIGTERM and says when it is up; it would sleep far past the test's bounds.
+script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(900)"
+tasks = [Task(s, s, [sys.executable, "-c", script], str(folder / f"{s}.log"), str(folder / f"{s}.json"))
+         for s in ("s1", "s2", "s3")]
+if engine == "local":
+    results = run_local(tasks, workers=2)
+else:
+    results = run_slurm(tasks, SlurmOptions(cluster="local", gpus=0, max_parallel=3), folder / "slurm")
+print("RESULTS", json.dumps(results), flush=True)
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once_and_kills_the_students(tmp_path):
+    out = tmp_path / "out.txt"
+    run = _start([sys.executable, "-c", STUBBORN, "local", str(tmp_path)], out)
+    try:
+        _wait_for(lambda: sum("up" in p.read_text() for p in tmp_path.glob("s*.log")) == 2, "two students up")
+        _ctrl_c(run)
+        _wait_for(lambda: "Ctrl-C: stopping the 2 running student(s)" in out.read_text(), "the first Ctrl-C")
+        started = _attempts(tmp_path)
+        assert len(started) == 2 and not _gone(started)  # they ignore SIGTERM: the run waits for them
+        _ctrl_c(run)
+        assert run.wait(timeout=60) == 130
+    finally:
+        run.kill()
+    assert "Ctrl-C again: stopped at once; no summary written." in out.read_text()
+    assert "RESULTS" not in out.read_text()
+    _wait_for(lambda: _gone(started), "the students to be killed", timeout=30)
+    assert len(_attempts(tmp_path)) == 2
+
+
+def test_ctrl_c_cancels_a_slurm_job_array_through_submitit(tmp_path):
+    """submitit's local executor stands in for Slurm: the same job array, cancelled through submitit."""
+    out = tmp_path / "out.txt"
+    run = _start([sys.executable, "-c", STUBBORN, "slurm", str(tmp_path)], out)
+    try:
+        _wait_for(lambda: sum("up" in p.read_text() for p in tmp_path.glob("s*.log")) == 3, "the students up")
+        started = _attempts(tmp_path)
+        _ctrl_c(run)
+        assert run.wait(timeout=120) == 0
+    finally:
+        run.kill()
+    text = out.read_text()
+    assert "Ctrl-C: cancelled job array" in text
+    results = json.loads(text.split("RESULTS ", 1)[1].splitlines()[0])
+    assert [(r["interrupted"], r["attempts"]) for r in results] == [(True, 1)] * 3
+    # The cancelled jobs take their students with them (the students ignore SIGTERM), and nothing is retried.
+    _wait_for(lambda: _gone(started), "the cancelled jobs' students to end", timeout=60)
+    assert len(_attempts(tmp_path)) == 3
+
+
+# ---------------------------------------------------------------- any name a student can have
+NAMES = {  # student_id: (as written in the CSV, the name the student gets)
+    "dash": ("-Ann", "-Ann"),
+    "quotes": ("  O'Brien \"Bo\" `x`  ", "O'Brien \"Bo\" `x`"),  # a CSV cell's padding is not part of the name
+    "emoji_rtl": ("🦊 مريم דוד 👩‍💻", "🦊 مريم דוד 👩‍💻"),
+    "long": ("小" * 100 + "Ann" * 33 + "!", "小" * 100 + "Ann" * 33 + "!"),  # 200 characters
+    "path": ("../../outside/evil\\x | <b>&amp;</b>", "../../outside/evil\\x | <b>&amp;</b>"),
+}
+
+
+def test_any_name_works_through_the_class_run_the_check_the_report_and_the_model_card(tmp_path, tiny_model_dir,
+                                                                                     capsys):
+    import html
+
+    from helpers.homework import CHECK_NAMES
+    from helpers.paths import work as make_work
+    from helpers.publish import model_card
+    from helpers.report import build_report
+
+    assert len(NAMES["long"][1]) == 200
+    students = tmp_path / "class.csv"
+    with open(students, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["student_id", "name"])
+        writer.writerows([sid, written] for sid, (written, _) in NAMES.items())
+    class_dir = tmp_path / "class"
+    rc = main(["run", "--class", str(students), "--work-dir", str(class_dir), "--only", "00,01", "--workers", "2",
+               "-p", "base_model", str(tiny_model_dir), "-p", "repeats", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    with open(class_dir / "class_summary.csv", encoding="utf-8") as f:
+        rows = {r["student_id"]: r for r in csv.DictReader(f)}
+    assert {sid: (r["name"], r["status"]) for sid, r in rows.items()} == {
+        sid: (name, "passed") for sid, (_, name) in NAMES.items()}
+
+    # The check gets each name as the one argument --name=VALUE, whatever it starts with.
+    others = ",".join(c for c in CHECK_NAMES if c != "dataset")  # what needs notebooks 02-06
+    assert main(["homework", "check", str(class_dir), "--class", str(students), "--workers", "2",
+                 "--skip", others]) == 0
+    with open(class_dir / "class_check.csv", encoding="utf-8") as f:
+        checks = {r["student_id"]: r for r in csv.DictReader(f)}
+    for sid, (_, name) in NAMES.items():
+        assert (checks[sid]["status"], checks[sid]["attempts"]) == ("passed", "1"), checks[sid]
+        verdicts = json.loads((class_dir / "_logs" / "check" / f"{sid}.json").read_text(encoding="utf-8"))
+        dataset = next(c for c in verdicts if c["name"] == "dataset")
+        assert dataset["status"] == "PASS" and repr(name) in dataset["reason"]
+
+        work = make_work(class_dir / sid, create=False)
+        result = json.loads(work.result("01_data_generation").read_text(encoding="utf-8"))
+        assert result["name"] == name and name in result["answer"]
+        index = build_report(work.root)
+        assert f"Homework report: {html.escape(name)}&#x27;s assistant" in index.read_text(encoding="utf-8")
+        assert f"# Homework report: {name}'s assistant" in index.with_name("index.md").read_text(encoding="utf-8")
+        assert result["answer"] in model_card(work, "assistant")
+    md = (class_dir / "class_summary.md").read_text(encoding="utf-8")
+    assert "| dash | -Ann | passed |" in md and "| path | ../../outside/evil\\x \\| <b>&amp;</b> | passed |" in md
+    # A name is never a path: everything the run wrote is inside the class directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["class", "class.csv"]
+    assert sorted(p.name for p in class_dir.iterdir()) == sorted(["_logs", "class_check.csv", "class_check.md",
+                                                                  "class_summary.csv", "class_summary.md", *NAMES])
+    assert not list(class_dir.rglob("evil")) and not list(class_dir.rglob("outside"))
