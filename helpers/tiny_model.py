@@ -89,8 +89,8 @@ def _pretrain(model, tokenizer, steps: int, seed: int, lr: float = 3e-3, batch_s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad()
         losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.2f}")
+        if step % 10 == 0:  # shown with the bar's next regular update, so a headless log stays a few lines
+            bar.set_postfix(loss=f"{loss.item():.2f}", refresh=False)
     bar.close()
     model.eval()
     return losses

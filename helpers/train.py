@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -611,8 +612,7 @@ def _callbacks():
         def on_train_begin(self, args, state, control, **kw):
             # A resumed run keeps the rows up to its checkpoint and drops the ones it will redo.
             if self.metrics_path.exists():
-                old = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-                self.rows = [r for r in old if r["step"] <= state.global_step]
+                self.rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= state.global_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
             self.last_time, self.last_tokens = time.perf_counter(), self.trainer_ref().tokens_seen
 
@@ -628,8 +628,7 @@ def _callbacks():
                    "time": round(time.time(), 2)}
             self.last_time, self.last_tokens = now, tokens
             self.rows.append(row)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.metrics_path, json.dumps(row))
             if not headless() and time.perf_counter() - self.last_draw > max(2.0, self.draw_cost / DRAW_SHARE):
                 self.draw()
 
@@ -1059,9 +1058,41 @@ def save_adapter(model, tokenizer, out_dir: Path, record: dict, state_dict: dict
 
 # ---------------------------------------------------------------- reading the results
 def read_metrics(work: Work) -> list[dict]:
-    if not work.metrics.exists():
+    return read_jsonl(work.metrics)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of an append-only log; a line cut short (a kill or a full disk mid-write) is skipped, saying so."""
+    if not path.exists():
         return []
-    return [json.loads(line) for line in work.metrics.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+            where = "the last line" if number == len(lines) else f"line {number}"
+            print(f"note: {path}: {where} is not a whole row (a run stopped while writing it); it is skipped.")
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append one whole line in one write; a write that cannot finish (a full disk) is undone, so no half line stays."""
+    data = (text + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, f"{path}: the disk took only part of a line")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def evaluation_rounds(work: Work) -> list[dict]:
