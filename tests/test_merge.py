@@ -200,9 +200,11 @@ def test_a_16_bit_merge_is_judged_on_its_weights(tiny_model_dir, tmp_path):
     merge(base, adapter, tmp_path / "final_model")
     check = verify_merge(tmp_path / "final_model", base, adapter)
     w = check["weights"]
-    assert check["dtype"] == "bfloat16" and check["tolerance"] is None and check["passed"], check
+    assert check["dtype"] == "bfloat16" and check["passed"], check
+    # the logits' bound is the dtype's own rounding noise (x NOISE_MARGIN) around the in-memory merge
+    assert 0 < check["rounding_noise"] and check["max_abs_diff"] <= check["tolerance"], check
     assert w["max_ulps"] <= MAX_ULPS and w["changes"] > 0 and 0 < w["rounded_away"] < 1, w
-    assert check["adapter_effect_max_abs"] > check["max_abs_diff"] > 0
+    assert check["adapter_effect_max_abs"] > check["max_abs_diff"]
     lost = verify_merge(base, base, adapter)  # the base posing as the merged model
     assert not lost["passed"] and lost["weights"]["max_ulps"] > 1000 and lost["weights"]["rounded_away"] == 1.0
 
@@ -243,7 +245,7 @@ def test_a_gpu_that_runs_out_of_memory_leaves_the_merge_and_its_check_to_the_cpu
     monkeypatch.setattr(m, "merge_device", lambda *a: "cuda")
     monkeypatch.setattr(m, "verify_device", lambda *a: "cuda")
     result = m.merge(tiny_model_dir, adapter_dir, tmp_path / "final")
-    assert result.merged_on == "cpu" and tried == ["cuda", "cpu"]
+    # the merge, then its check (inside merge), each tried on the GPU first
+    assert result.merged_on == "cpu" and tried[:2] == ["cuda", "cpu"] and tried[2:4] == ["cuda", "cpu"]
+    assert result.verification["passed"] and result.verification["device"] == "cpu"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the failed try left nothing behind
-    check = m.verify_merge(tmp_path / "final", tiny_model_dir, adapter_dir)
-    assert check["passed"] and check["device"] == "cpu" and tried[2:4] == ["cuda", "cpu"]
