@@ -37,7 +37,8 @@ def outcome(number: str, r: dict) -> str:
         w = r.get("weights") or {}
         how = (f"weights within {w['max_ulps']:.0f} ulp, {w['rounded_away']:.0%} of the update rounded away, "
                if w else "")
-        return f"merge verified: {r.get('passed')} ({how}logits {r.get('max_abs_diff', 0):.2g} apart)"
+        return (f"merge verified: {r.get('passed')} ({how}logits {r.get('max_abs_diff', 0):.2g} apart, bound "
+                f"{r.get('tolerance') or 0:.2g} = 2 x rounding noise {r.get('rounding_noise', 0):.2g})")
     if number == "04":
         return (f"identity in {r.get('identity_on_evaluation')}/{r.get('evaluation_questions')} evaluation answers, "
                 f"{r.get('identity_on_general')}/{r.get('general_questions')} held-out general")
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", default=None, help="where the random-weight model is built")
     ap.add_argument("--tiny", action="store_true", help="tiny dims and the tiny preset (a CPU check of the script)")
     ap.add_argument("--only", default=None, help="comma-separated notebook numbers (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (run further notebooks into it)")
+    ap.add_argument("--check", action="store_true",
+                    help="then grade the work dir as a teacher would (homework check with --require-base/-preset)")
     args = ap.parse_args(argv)
 
     from helpers.paths import work as make_work
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     print(f"model ({'tiny' if args.tiny else 'internlm2-chat-1.8b'} dims, random weights): {model_dir} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     w = make_work(args.work)
-    if w.root.exists():
+    if w.root.exists() and not args.keep:
         shutil.rmtree(w.root)
     params = {"base_model": str(model_dir), "preset": "tiny" if args.tiny else "homework"}
     if not args.tiny:  # the homework's data: notebook 01 with 10,000 identity records (its default is the tiny run's)
@@ -99,7 +103,21 @@ def main(argv=None) -> int:
             break
     print()
     print_table(["notebook", "status", "seconds", "peak GPU memory", "outcome"], rows)
+    if args.check and status == 0:
+        status = grade(w.root, model_dir, "tiny" if args.tiny else "homework")
     return status
+
+
+def grade(work_dir: Path, model_dir: Path, preset: str) -> int:
+    """homework check as a teacher runs it on the student's work (every check loads what it judges), timed."""
+    from helpers.homework import check_work, print_checks
+
+    start = time.perf_counter()
+    checks = check_work(work_dir, publish=True, allow_practice_remote=True, require_base=str(model_dir),
+                        require_preset=preset)
+    print(f"\nhomework check ({time.perf_counter() - start:.0f} s):")
+    print_checks(checks)
+    return int(any(c.status == "FAIL" for c in checks))
 
 
 if __name__ == "__main__":
