@@ -11,6 +11,12 @@ GPU each where there are GPUs; a failure is retried once, and one student's fail
 others. A live table shows each student's notebook and status; the summary is printed and saved as
 CLASS_DIR/class_summary.csv/.md (checks: class_check.csv/.md); logs are in CLASS_DIR/_logs/.
 
+student_id names the student's folder (letters, digits, '_', '-', '.'); name is any text on one line (cells
+are stripped of surrounding spaces), passed on as a parameter file and as `--name=VALUE`, never as a path.
+Ctrl-C stops the class: no student starts after it, the running ones are stopped (their whole process tree;
+on Slurm the job array is cancelled), nothing is retried, and the summary marks them "interrupted" (exit
+code 130). A second Ctrl-C quits at once, without a summary.
+
 Engines: concurrent.futures + subprocess on one machine; submitit on Slurm. submitit submits the students
 as one job array with a concurrency cap (`--array=0-29%8`), pickles a Python function per task, reads back
 its result and has a local executor for machines without Slurm. The alternatives weighed: simple_slurm only
