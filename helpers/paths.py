@@ -168,23 +168,25 @@ def _step(name: str) -> None:
         _after_step(name)
 
 
-def _lock(path: Path) -> int:
+def _lock(path: Path) -> int | None:
     """An exclusive lock on a folder that lives as long as this process holds it (a kill releases it)."""
+    if fcntl is None:
+        return None
     fd = os.open(path, os.O_RDONLY)
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
 def _busy(path: Path) -> bool:
     """Whether a replace still running (in any process) holds `path`."""
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -289,5 +291,6 @@ def staged_dir(dest: str | os.PathLike, keep: tuple[str, ...] = ()):
             _discard(old, dest)
         _step("done")
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)  # still there only when the block failed
