@@ -547,6 +547,14 @@ def with_engine(command, args, *positional, **keywords) -> int:
     return command(*positional, workers=args.workers, slurm=slurm, **keywords)
 
 
+class _QuotedStrings(yaml.SafeDumper):
+    """Every text quoted: a name such as 1e3 stays text (the run types the other cells by their notebook)."""
+
+
+_QuotedStrings.add_representer(str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text,
+                                                                                style='"'))
+
+
 def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: dict | None = None,
               workers: int = 1, slurm: SlurmOptions | None = None) -> int:
     """Run the course for every student; print and save the summary. Returns 0 when all passed, 130 when a
@@ -566,7 +574,7 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
         settings = {**(params or {}), **student["params"]}
         if only:  # the run refuses parameters of notebooks it leaves out (the CSV's name, for --only 02)
             settings = {k: v for k, v in settings.items() if k in selected}
-        atomic_write_text(params_file, yaml.safe_dump(settings, allow_unicode=True, sort_keys=False))
+        atomic_write_text(params_file, yaml.dump(settings, Dumper=_QuotedStrings, allow_unicode=True, sort_keys=False))
         argv = [sys.executable, "-m", "helpers", "run", "--work-dir", str(_student_work(root, sid).root),
                 "-f", str(params_file)] + (["--only", ",".join(nb.stem for nb in notebooks)] if only else [])
         tasks.append(Task(sid, student["name"], argv, str(logs / f"{sid}.log"), str(logs / f"{sid}.status.json"),
