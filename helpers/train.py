@@ -757,8 +757,9 @@ def fingerprint_difference(old: dict | None, new: dict) -> str | None:
     if old["data_sha256"] != new["data_sha256"]:
         parts.append("the training data changed")
     if old["evaluation"] != new["evaluation"]:
-        names = {"evaluation_inputs": "evaluation inputs", "system": "system prompt", "max_new_tokens": "max_new_tokens"}
-        parts.append(f"the {_words([names.get(k, k) for k in new['evaluation'] if old['evaluation'].get(k) != new['evaluation'][k]])} changed")
+        a, b = old["evaluation"], new["evaluation"]
+        names = {"evaluation_inputs": "evaluation inputs", "system": "system prompt"}
+        parts.append(f"the {_words([names.get(k, k) for k in b if a.get(k) != b[k]])} changed")
     if old["training"] != new["training"]:
         a, b = old["training"], new["training"]
         changes = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
@@ -794,7 +795,7 @@ def _prepare_train_dir(work: Work, config: TrainConfig, fingerprint: dict) -> st
     if resume_from is None:
         if ckpts or work.eval_outputs.exists() or work.metrics.exists():
             why = (f": {difference}" if difference and ckpts else " (resume=False)" if config.resume is False
-                   else " (the earlier run saved no complete checkpoint)" if not ckpts else "")
+                   else " (the earlier run saved no complete checkpoint)")
             print(f"note: starting a new run{why}; the earlier run's checkpoints and logs in {work.train} are replaced.")
         for p in (work.checkpoints, work.eval_outputs):
             if p.exists():
