@@ -58,7 +58,8 @@ def test_a_course_wide_parameter_means_one_thing():
     for nb in course_notebooks(None):
         for name in pm.inspect_notebook(str(nb)):
             declared.setdefault(name, []).append(nb.name[:2])
-    same_meaning = {"work_dir", "base_model", "seed", "preset", "quantization", "system", "evaluation_inputs"}
+    same_meaning = {"work_dir", "base_model", "seed", "preset", "quantization", "system", "evaluation_inputs",
+                    "allow_unverified"}
     shared = {name for name, books in declared.items() if len(books) > 1}
     assert shared <= same_meaning, f"declared by several notebooks with different meanings: {shared - same_meaning}"
     assert declared["repeats"] == ["01"] and declared["vlm_repeats"] == ["05"]

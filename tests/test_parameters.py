@@ -102,7 +102,7 @@ def test_publish_settings_are_checked_in_one_sentence(tmp_path):
     w = make_work(tmp_path / "w")
     with pytest.raises(PublishError, match=r"^model_name is 3 \(int\); use text in quotes"):
         build_model_repo(w, 3)
-    with pytest.raises(PublishError, match=r"^remote_url is 5 \(int\); give the git URL as text"):
+    with pytest.raises(PublishError, match=r"^the app's model_repo_url is 5 \(int\); give the git URL as text"):
         build_app_bundle(w, 5)
     with pytest.raises(PublishError, match=r"^app_title is \['a'\] \(list\)"):
         build_app_bundle(w, "file:///tmp/x.git", title=["a"])
