@@ -130,3 +130,20 @@ def test_student_text_is_escaped(tmp_path, text):
     build_report(tmp_path)
     assert text not in (tmp_path / "report" / "index.html").read_text(encoding="utf-8") or "|" in text
     assert "<script>" not in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_report_killed_mid_swap_is_whole_again_on_the_next_build(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    build_report(tmp_path)
+    kill = ("import os, signal, sys; from helpers import paths; from helpers.report import build_report; "
+            "paths._after_step = lambda step: step == 'moved aside' and os.kill(os.getpid(), signal.SIGKILL); "
+            "build_report(sys.argv[1])")
+    killed = subprocess.run([sys.executable, "-c", kill, str(tmp_path)], timeout=300)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "report").exists()
+    assert main(["report", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["index.html", "index.md"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
+
