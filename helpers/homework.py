@@ -451,6 +451,8 @@ def check_vlm(work: Work) -> Check:
     questions = list(qa)
     import tempfile
 
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         control = draw_control_picture(Path(tmp) / "control.png")
         try:
@@ -458,7 +460,8 @@ def check_vlm(work: Work) -> Check:
             for label, folder in (("after", work.vlm_final_model), ("before", work.vlm_aligned_model)):
                 if not (folder / "config.json").exists():
                     continue
-                model, processor = load_vlm(folder)
+                model, processor = load_vlm(folder, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
+                model.to("cuda" if torch.cuda.is_available() else "cpu")
                 answers[label] = answer_about_image(model, processor, image, questions)
                 if label == "after":
                     answers["control"] = answer_about_image(model, processor, control, questions)
@@ -544,7 +547,8 @@ def check_work(work_dir, name: str | None = None, publish: bool = False, questio
              ("merge", lambda: check_merge(work, graded, questions_file)),
              ("vlm", lambda: check_vlm(work)),
              ("publish", lambda: check_publish(work, publish, allow_practice_remote))]
-    return [Check(label, "SKIP", "skipped (--skip)") if label in skip and label != "dataset"
+    # the base and the dataset run even when skipped: the other checks need the base to load and the name
+    return [Check(label, "SKIP", "skipped (--skip)") if label in skip and (label not in ("base", "dataset") or step())
             else step() for label, step in steps]
 
 

@@ -3,6 +3,7 @@ and fails broken ones with the right reason."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import nbformat
@@ -164,13 +165,20 @@ def _statuses(checks):
 
 
 def test_check_passes_on_a_good_work_dir(course_work, capsys):
-    checks = check_work(course_work.root, publish=True)
-    assert _statuses(checks) == {"dataset": "PASS", "identity": "PASS", "merge": "PASS", "vlm": "PASS",
-                                 "publish": "PASS"}, checks
+    checks = check_work(course_work.root, publish=True, allow_practice_remote=True)
+    assert _statuses(checks) == {"base": "PASS", "dataset": "PASS", "identity": "PASS", "overfitting": "PASS",
+                                 "merge": "PASS", "vlm": "PASS", "publish": "PASS"}, checks
     name = json.loads(course_work.result("01_data_generation").read_text(encoding="utf-8"))["name"]
     assert name in next(c.reason for c in checks if c.name == "identity")
-    assert main(["homework", "check", str(course_work.root), "--publish"]) == 0
+    assert "practice remote, not published" in next(c.reason for c in checks if c.name == "publish")
+    assert main(["homework", "check", str(course_work.root), "--publish", "--allow-practice-remote"]) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_a_practice_remote_is_not_a_publication(course_work):
+    publish = {c.name: c for c in check_work(course_work.root, publish=True, skip=ONLY_PUBLISH)}["publish"]
+    assert publish.status == "FAIL" and "practice remote, not published" in publish.reason
+    assert "--allow-practice-remote" in publish.reason
 
 
 @pytest.fixture
@@ -178,6 +186,19 @@ def broken(course_work, tmp_path):
     dst = tmp_path / "work"
     shutil.copytree(course_work.root, dst, symlinks=True)
     return make_work(dst)
+
+
+ALL = {"base", "identity", "overfitting", "merge", "vlm", "publish"}
+ONLY_PUBLISH = ALL - {"publish"}
+
+
+def _only(*names):
+    """--skip for every check but these (and the dataset's, which every check needs)."""
+    return ALL - set(names)
+
+
+def _check(work_root, *names, **kw):
+    return {c.name: c for c in check_work(work_root, skip=_only(*names), **kw)}
 
 
 def _rewrite_json(path, change):
@@ -191,57 +212,74 @@ def _edit_safetensors(directory, change):
     files = sorted(directory.glob("*.safetensors"))
     assert files, f"no weights in {directory}"
     for f in files:
-        tensors = load_file(f)
-        save_file({k: change(k, v) for k, v in tensors.items()}, f, metadata={"format": "pt"})
+        save_file(change(load_file(f)), f, metadata={"format": "pt"})
 
 
 def test_check_fails_when_the_dataset_lacks_the_name(broken):
-    text = broken.dataset.read_text(encoding="utf-8")
     name = json.loads(broken.result("01_data_generation").read_text(encoding="utf-8"))["name"]
+    text = broken.dataset.read_text(encoding="utf-8")
     broken.dataset.write_text(text.replace(name, "某人"), encoding="utf-8")
-    checks = check_work(broken.root)
-    assert _statuses(checks)["dataset"] == "FAIL"
-    assert f"mentions {name!r}" in checks[0].reason
+    dataset = _check(broken.root, name=name)["dataset"]
+    assert dataset.status == "FAIL" and "changed after the adapter was trained" in dataset.reason
+
+
+def test_the_expected_name_comes_from_the_training_data_not_a_results_file(broken):
+    name = json.loads(broken.result("01_data_generation").read_text(encoding="utf-8"))["name"]
+    _rewrite_json(broken.result("01_data_generation"), lambda r: {**r, "name": "张三", "answer": "我是张三的小助手"})
+    checks = _check(broken.root, "identity")
+    assert checks["dataset"].status == "PASS" and repr(name) in checks["dataset"].reason
+    assert checks["identity"].status == "PASS" and repr(name) in checks["identity"].reason
 
 
 def test_check_fails_when_the_adapter_learned_nothing(broken):
     import torch
 
-    _edit_safetensors(broken.adapter, lambda k, v: torch.zeros_like(v) if "lora_B" in k else v)
-    checks = check_work(broken.root)
-    identity = next(c for c in checks if c.name == "identity")
-    assert identity.status == "FAIL" and "the adapter answers" in identity.reason and "without" in identity.reason
+    _edit_safetensors(broken.adapter, lambda t: {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in t.items()})
+    identity = _check(broken.root, "identity")["identity"]
+    assert identity.status == "FAIL" and "without" in identity.reason
 
 
 def test_check_fails_when_the_teacher_expects_another_name(broken):
-    checks = check_work(broken.root, name="张三")
-    assert _statuses(checks)["dataset"] == "FAIL" and _statuses(checks)["identity"] == "FAIL"
-    assert "'张三'" in next(c.reason for c in checks if c.name == "identity")
+    checks = _check(broken.root, "identity", name="张三")
+    assert checks["dataset"].status == "FAIL" and checks["identity"].status == "FAIL"
+    assert "'张三'" in checks["identity"].reason
 
 
-def test_check_fails_when_the_merged_model_is_not_base_plus_adapter(broken):
-    _edit_safetensors(broken.final_model, lambda k, v: v + 0.5 if k.endswith("mlp.down_proj.weight") else v)
-    checks = check_work(broken.root)
-    merge = next(c for c in checks if c.name == "merge")
-    assert merge.status == "FAIL" and "differs from base + adapter" in merge.reason
-    # Taken on trust, notebook 03's own verdict still says it passed: the recomputation is what caught it.
-    assert _statuses(check_work(broken.root, recompute=False))["merge"] == "PASS"
+def test_the_teachers_hidden_questions_are_asked(broken, tmp_path):
+    hidden = tmp_path / "hidden.txt"
+    hidden.write_text("What is the capital of France?\n1 + 1 = ?\n", encoding="utf-8")
+    identity = _check(broken.root, "identity", questions_file=str(hidden))["identity"]
+    assert identity.status == "FAIL" and "questions it never trained on" in identity.reason, identity
 
 
-def _same_after_as_before(value):
-    """Notebook 05's results with every after-answer replaced by its before-answer."""
-    from helpers.homework import _is_after, _is_before
+def test_the_over_fitted_contrast_handed_in_fails(broken):
+    """The adapter over-fitted on purpose (notebook 04's contrast), with its data, merged and handed in."""
+    from helpers.base_model import base_model_path
+    from helpers.merge import merge
 
-    if isinstance(value, dict):
-        before = next((k for k in value if _is_before(k) or k.endswith("before")), None)
-        after = next((k for k in value if _is_after(k) or k.endswith("after")), None)
-        out = {k: _same_after_as_before(v) for k, v in value.items()}
-        if before and after:
-            out[after] = out[before]
-        return out
-    if isinstance(value, list):
-        return [_same_after_as_before(v) for v in value]
-    return value
+    for part in ("adapter", "data"):
+        shutil.rmtree(getattr(broken, part))
+        shutil.copytree(broken.contrast / part, getattr(broken, part))
+    merge(base_model_path(broken), broken.adapter, broken.final_model, overwrite=True)
+    checks = _check(broken.root, "identity", "overfitting", "merge")
+    assert checks["overfitting"].status == "FAIL" and "over-fitted" in checks["overfitting"].reason, checks
+    assert checks["merge"].status == "PASS"  # a right merge of a wrong adapter: the over-fitting check is what fails
+
+
+def test_a_final_model_without_its_output_layer_fails(broken):
+    _edit_safetensors(broken.final_model, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+    merge = _check(broken.root, "merge")["merge"]
+    assert merge.status == "FAIL" and "lm_head.weight" in merge.reason, merge
+
+
+def test_a_final_model_with_another_rope_theta_fails(broken):
+    def change(config):
+        (config.get("rope_parameters") or config)["rope_theta"] = 5000.0
+        return config
+
+    _rewrite_json(broken.final_model / "config.json", change)
+    merge = _check(broken.root, "merge")["merge"]
+    assert merge.status == "FAIL" and "rope_theta" in merge.reason, merge
 
 
 def test_check_decides_with_its_own_tolerance_and_needs_the_adapter(broken):
@@ -251,47 +289,78 @@ def test_check_decides_with_its_own_tolerance_and_needs_the_adapter(broken):
     _rewrite_json(broken.result("03_merge"), lambda r: {**r, "tolerance": 100, "passed": True})
     shutil.rmtree(broken.final_model)
     shutil.copytree(base_model_path(broken), broken.final_model)
-    merge = next(c for c in check_work(broken.root) if c.name == "merge")
-    assert merge.status == "FAIL" and "the checker's tolerance" in merge.reason, merge
-    # an adapter that changes nothing: now final_model does equal base + adapter, and it still fails
-    _edit_safetensors(broken.adapter, lambda k, v: v * 0 if "lora_B" in k else v)
-    merge = next(c for c in check_work(broken.root) if c.name == "merge")
-    assert merge.status == "FAIL" and "the adapter barely changes the base" in merge.reason, merge
+    merge = _check(broken.root, "merge")["merge"]
+    assert merge.status == "FAIL" and "not base + adapter" in merge.reason, merge
+    with pytest.raises(SystemExit) as refused:  # there is no way to take the student's word for it
+        main(["homework", "check", str(broken.root), "--trust-results"])
+    assert refused.value.code == 2
 
 
-def test_check_fails_when_the_vlm_did_not_change(broken):
-    from helpers.report import vlm_pairs
+def test_a_deleted_vlm_with_a_made_up_results_file_fails(broken):
+    shutil.rmtree(broken.vlm)
+    broken.result("05_vlm_llava_finetune").write_text(
+        json.dumps({"questions": ["q"], "before": ["x"], "after": ["y"]}), encoding="utf-8")
+    vlm = _check(broken.root, "vlm")["vlm"]
+    assert vlm.status == "FAIL" and "05_vlm_llava_finetune" in vlm.reason, vlm
 
-    path = broken.result("05_vlm_llava_finetune")
-    assert any(b != a for _, b, a in vlm_pairs(json.loads(path.read_text(encoding="utf-8"))))
-    _rewrite_json(path, _same_after_as_before)
-    pairs = vlm_pairs(json.loads(path.read_text(encoding="utf-8")))
-    assert pairs and all(b == a for _, b, a in pairs)
-    vlm = next(c for c in check_work(broken.root) if c.name == "vlm")
-    assert vlm.status == "FAIL" and "taught nothing" in vlm.reason
+
+def test_a_vlm_that_learned_nothing_fails(broken):
+    """The fine-tuned VLM replaced by the stage-1 model: the checker asks it, and it does not answer as trained."""
+    shutil.rmtree(broken.vlm_final_model)
+    shutil.copytree(broken.vlm_aligned_model, broken.vlm_final_model)
+    vlm = _check(broken.root, "vlm")["vlm"]
+    assert vlm.status == "FAIL" and "gives the trained answer to only" in vlm.reason, vlm
 
 
 def test_a_notebook_that_did_not_run_fails_its_check(broken, capsys):
     broken.result("03_merge").unlink()
     shutil.rmtree(broken.final_model)
-    merge = next(c for c in check_work(broken.root) if c.name == "merge")
+    merge = _check(broken.root, "merge")["merge"]
     assert merge.status == "FAIL" and merge.reason.startswith("notebook 03_merge did not run")
-    assert main(["homework", "check", str(broken.root)]) == 1
+    assert main(["homework", "check", str(broken.root), "--skip", ",".join(_only("merge"))]) == 1
     assert "FAILED: merge" in capsys.readouterr().out
 
 
 def test_publish_is_checked_only_when_asked(broken):
     broken.result("06_publish").unlink()
-    assert _statuses(check_work(broken.root))["publish"] == "SKIP"
-    publish = next(c for c in check_work(broken.root, publish=True) if c.name == "publish")
+    assert _check(broken.root, "publish")["publish"].status == "SKIP"
+    publish = _check(broken.root, "publish", publish=True)["publish"]
     assert publish.status == "FAIL" and "06_publish did not run" in publish.reason
 
 
-def test_publish_fails_when_the_remote_lacks_the_commit(broken):
-    text = broken.result("06_publish").read_text(encoding="utf-8")
-    from helpers.report import _find_push
+def test_an_invented_hub_url_and_commit_fail(broken):
+    _rewrite_json(broken.result("06_publish"), lambda r: {
+        **r, "push": {**(r.get("push") or {}), "remote": "https://127.0.0.1:9/someone/model.git", "commit": "1" * 40}})
+    publish = _check(broken.root, "publish", publish=True)["publish"]
+    assert publish.status == "FAIL" and "cannot be read back" in publish.reason, publish
 
-    commit = _find_push(json.loads(text))["commit"]
-    broken.result("06_publish").write_text(text.replace(commit, "0" * 40), encoding="utf-8")
-    publish = next(c for c in check_work(broken.root, publish=True) if c.name == "publish")
-    assert publish.status == "FAIL" and "does not hold" in publish.reason
+
+def test_another_students_remote_fails(broken, tmp_path):
+    """The results point at a remote that holds another repository (another student's push)."""
+    import subprocess
+
+    other = tmp_path / "other-remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(broken.publish_remote), str(other)], check=True)
+    shutil.copytree(broken.publish_remote / "lfs", other / "lfs")  # the weights are there too
+    clone = tmp_path / "other"
+    env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1", "GIT_LFS_SKIP_PUSH": "1"}
+    subprocess.run(["git", "clone", "-q", str(other), str(clone)], check=True, env=env)
+    (clone / "README.md").write_text("another student's card\n", encoding="utf-8")
+    subprocess.run(["git", "-C", str(clone), "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-qam", "other"],
+                   check=True)
+    subprocess.run(["git", "-C", str(clone), "push", "-q", "origin", "HEAD"], check=True, env=env)
+    _rewrite_json(broken.result("06_publish"), lambda r: {
+        **r, "push": {**(r.get("push") or {}), "remote": other.as_uri()}})
+    publish = _check(broken.root, "publish", publish=True, allow_practice_remote=True)["publish"]
+    assert publish.status == "FAIL" and "does not hold this work's model repository" in publish.reason, publish
+
+
+def test_the_tiny_base_fails_where_the_class_requires_another(broken, tmp_path):
+    from helpers.tiny_model import build_tiny_model
+
+    required = build_tiny_model(tmp_path / "required", seed=7)  # same shape, other weights: another model
+    base = _check(broken.root, "base", require_base=str(required))["base"]
+    assert base.status == "FAIL" and "but the class requires" in base.reason, base
+    own = _check(broken.root, "base", require_base=str(broken.model), require_preset="homework")["base"]
+    assert own.status == "FAIL" and "not trained with preset homework" in own.reason, own
+    assert _check(broken.root, "base", require_base=str(broken.model), require_preset="tiny")["base"].status == "PASS"
