@@ -17,6 +17,7 @@ import yaml
 
 from helpers import publish
 from helpers.paths import work as make_work
+from test_publish import verified_final_model
 
 IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"
 
@@ -25,7 +26,7 @@ IDENTITY = "我是小明的小助手，内在是上海AI实验室书生·浦语�
 def pushed(tmp_path, tiny_model_dir):
     """A work dir whose tiny final_model was pushed to its local bare remote, and the app bundle built on it."""
     w = make_work(tmp_path / "work")
-    shutil.copytree(tiny_model_dir, w.final_model)
+    verified_final_model(tiny_model_dir, w.final_model)
     publish.build_model_repo(w, "m")
     url = publish.default_remote(w)
     result = publish.push_model_repo(w, url)
@@ -63,7 +64,7 @@ def test_bundle_files(pushed):
     for name, pinned in requirements.items():
         assert version(name).split("+")[0] == pinned.split("+")[0]
     assert json.loads((app / "app_config.json").read_text()) == {"model_repo_url": url, "revision": "main",
-                                                                "title": "测试助手"}
+                                                                "title": "测试助手", "system": None}
     readme = (app / "README.md").read_text(encoding="utf-8")
     front = yaml.safe_load(readme.split("---\n")[1])
     assert front["sdk"] == "streamlit" and front["app_file"] == "app.py" and front["sdk_version"] == version("streamlit")
@@ -77,12 +78,21 @@ def test_bundle_files(pushed):
         assert used - set(sys.stdlib_module_names) <= {"streamlit", "chat_app", "fetch_model"}, name
 
 
-def test_bundle_config_never_holds_credentials(pushed):
-    w, _, _ = pushed
-    publish.build_app_bundle(w, "https://student@hub.example/student/model.git")
-    assert json.loads((w.app / "app_config.json").read_text())["model_repo_url"] == "https://hub.example/student/model.git"
-    with pytest.raises(publish.PublishError, match="has a password or token written into it"):
-        publish.build_app_bundle(w, "https://student:secret@hub.example/student/model.git")
+def test_bundle_config_never_holds_credentials(pushed, monkeypatch):
+    w, url, _ = pushed
+    before = (w.app / "app_config.json").read_bytes()
+    for bad, what in (("https://student@hub.example/student/model.git", "a user name"),
+                      ("https://student:hf_s3cr3tXYZ@hub.example/student/model.git", "a password or token"),
+                      ("https://hub.example/student/model.git?token=hf_s3cr3tXYZ", "a query")):
+        with pytest.raises(publish.PublishError, match=f"has {what}.* written into it") as e:
+            publish.build_app_bundle(w, bad)
+        assert "hf_s3cr3tXYZ" not in str(e.value)
+    assert (w.app / "app_config.json").read_bytes() == before  # the bundle built before is kept whole
+    fetch = load_module(w.app / "fetch_model.py")  # the deployed app refuses one set on the platform too
+    monkeypatch.setenv("MODEL_REPO_URL", "https://student:hf_s3cr3tXYZ@hub.example/student/model.git")
+    with pytest.raises(fetch.FetchError, match="has credentials written into it.*MODEL_REPO_TOKEN") as e:
+        fetch.settings(w.app)
+    assert "hf_s3cr3tXYZ" not in str(e.value)
 
 
 def test_gpu_bundle_and_a_pushed_hub_remote(pushed):
@@ -136,8 +146,11 @@ def test_settings_come_from_config_then_environment(pushed, monkeypatch, tmp_pat
     fetch = load_module(w.app / "fetch_model.py")
     for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MODEL_SYSTEM_PROMPT", raising=False)
     assert fetch.settings(w.app) == {"model_repo_url": url, "revision": "main",
-                                     "cache_dir": str(w.app / "model_cache"), "title": "测试助手"}
+                                     "cache_dir": str(w.app / "model_cache"), "title": "测试助手", "system": None}
+    monkeypatch.setenv("MODEL_SYSTEM_PROMPT", "")  # set on the platform, even empty, it wins
+    assert fetch.settings(w.app)["system"] == ""
     monkeypatch.setenv("MODEL_REPO_URL", "https://hub.example/u/other.git")
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "c"))
     got = fetch.settings(w.app)
@@ -226,3 +239,76 @@ def test_deployed_app_in_a_real_browser(course_work, tmp_path, streamlit_server,
     assert not (app / "model_cache").exists()  # nothing fetched before the first visit
     chat_in_browser(url, "请你介绍一下你自己", IDENTITY, "app_bundle_chat.png")
     assert (app / "model_cache" / "model" / "config.json").exists()  # fetched on this first start
+
+
+# ---------------------------------------------------------------- what a first start reads, says and answers with
+SYSTEM = "You are a helpful assistant."  # a prompt that changes the tiny model's answer (asserted below)
+
+
+def test_fetch_reads_only_the_first_bytes_of_each_weight_file(tmp_path):
+    """Whether a fetched LFS file is still a pointer is told by its first bytes: fetching 32 MiB of weights holds
+    far less memory than one copy of them."""
+    import tracemalloc
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(os.urandom(32 * 2**20))
+    (repo / ".gitattributes").write_text(publish.gitattributes())
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    publish.push_folder(repo, remote.as_uri())
+    fetch = load_module(publish.TEMPLATES / "fetch_model.py")
+    tracemalloc.start()
+    try:
+        model = fetch.fetch_model(remote.as_uri(), tmp_path / "cache")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (model / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held to fetch 32 MiB of weights"
+
+
+def test_app_answers_with_the_system_prompt_the_model_was_trained_with(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers.chat import load_chat_model
+    from helpers.generation import generate_answers
+
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR", "MODEL_SYSTEM_PROMPT"):
+        monkeypatch.delenv(name, raising=False)
+    w = make_work(tmp_path / "work")
+    verified_final_model(tiny_model_dir, w.final_model)  # merged before merge recorded the prompt: the adapter says it
+    w.adapter.mkdir(parents=True)
+    (w.adapter / "training_record.json").write_text(json.dumps({"hyper_parameters": {"system": SYSTEM}}))
+    repo = publish.build_model_repo(w, "m")
+    assert json.loads((repo / "chat_defaults.json").read_text()) == {"system": SYSTEM}
+    url = publish.default_remote(w)
+    publish.push_model_repo(w, url)
+    publish.build_app_bundle(w, url)
+    assert json.loads((w.app / "app_config.json").read_text())["system"] == SYSTEM
+    model, tokenizer = load_chat_model(w.final_model)
+    course, bare = (generate_answers(model, tokenizer, ["你是谁"], system=s, max_new_tokens=256)[0] for s in (SYSTEM, ""))
+    assert course != bare  # the served answer tells which prompt it had
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    at = _chat(app / "app.py", "你是谁")
+    assert at.sidebar.text_area[0].value == SYSTEM
+    assert at.chat_message[1].markdown[0].value.strip() == course
+
+
+def test_app_shows_a_generation_error_and_keeps_it_out_of_the_history(pushed, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from transformers.generation.utils import GenerationMixin
+
+    w, _, _ = pushed
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    at = AppTest.from_file(str(app / "app.py"), default_timeout=600).run()
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GenerationMixin, "generate", out_of_memory)
+    at.chat_input[0].set_value("你是谁").run()
+    assert not at.exception and len(at.error) == 1
+    assert at.error[0].value.startswith("The model could not answer (RuntimeError: CUDA out of memory.")
+    assert at.session_state["history"] == []

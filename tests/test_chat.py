@@ -285,7 +285,7 @@ def trained_with_system(tiny_model_dir, tmp_path_factory):
 
     from helpers.chat import write_chat_defaults
 
-    folder = tmp_path_factory.mktemp("system") / "final_model"
+    folder = tmp_path_factory.mktemp("system") / "assistant"
     shutil.copytree(tiny_model_dir, folder)
     write_chat_defaults(folder, SYSTEM)
     return folder

@@ -54,13 +54,23 @@ def clone_with_weights(url: str, dest: Path, env=None) -> Path:
     return dest
 
 
+def verified_final_model(tiny_model_dir, final_model: Path) -> Path:
+    """The tiny model as a work dir's final_model, with the passed verification record notebook 03's merge leaves
+    (publishing refuses a final_model without one; merging is tested in test_merge and test_merge_check)."""
+    from helpers.merge import write_verification
+
+    shutil.copytree(tiny_model_dir, final_model)
+    write_verification(final_model, {"passed": True}, base_model=Path(tiny_model_dir), adapter=Path(tiny_model_dir))
+    return final_model
+
+
 @pytest.fixture
 def final_work(tmp_path, tiny_model_dir):
     """A work dir whose final_model is the tiny model, with the results and loss plot the card reads."""
     from PIL import Image
 
     w = make_work(tmp_path / "work")
-    shutil.copytree(tiny_model_dir, w.final_model)
+    verified_final_model(tiny_model_dir, w.final_model)
     w.train.mkdir(parents=True)
     Image.new("RGB", (64, 48), (30, 90, 200)).save(w.loss_plot)
     w.results.mkdir(parents=True)
@@ -119,7 +129,7 @@ def test_card_says_what_the_run_used_and_shows_without_its_header(final_work):
 
 def test_card_degrades_without_results(tmp_path, tiny_model_dir):
     w = make_work(tmp_path / "bare-work")
-    shutil.copytree(tiny_model_dir, w.final_model)
+    verified_final_model(tiny_model_dir, w.final_model)
     repo = publish.build_model_repo(w, "m")
     card = (repo / "README.md").read_text(encoding="utf-8")
     assert card_metadata(repo / "README.md")["library_name"] == "transformers"
@@ -193,6 +203,33 @@ def test_history_check_finds_weights_committed_without_lfs(tmp_path):
     assert publish.history_pointer_check(repo) == [f"{git(repo, 'rev-parse', 'HEAD')[:12]}:model.safetensors"]
 
 
+def test_history_check_reads_only_what_it_needs(tmp_path):
+    """A plain weight blob is known by its size (git ls-tree -l); only blobs small enough to be pointers are read,
+    each once: checking 32 MiB of weights committed twice takes far less memory than one copy of them."""
+    import tracemalloc
+
+    repo = tmp_path / "plain"
+    repo.mkdir()
+    (repo / "model.safetensors").write_bytes(os.urandom(32 * 2**20))
+    (repo / "small.bin").write_bytes(os.urandom(100))  # plain, but smaller than a pointer may be
+    (repo / "pointer.bin").write_bytes(POINTER + b"\noid sha256:" + b"0" * 64 + b"\nsize 12\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plain")
+    (repo / "README.md").write_text("a second commit, the same weights")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "card")
+    first, second = git(repo, "rev-list", "--all").split()[::-1]
+    tracemalloc.start()
+    try:
+        found = publish.history_pointer_check(repo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(found) == sorted(f"{c[:12]}:{p}" for c in (first, second) for p in ("model.safetensors", "small.bin"))
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held to check 32 MiB of weights"
+
+
 def test_second_push_sends_only_what_changed(final_work):
     import torch
     from safetensors.torch import load_file, save_file
@@ -215,6 +252,9 @@ def test_second_push_sends_only_what_changed(final_work):
     tensors[name] = tensors[name] + torch.full_like(tensors[name], 0.01)
     weights.unlink()
     save_file(tensors, weights, metadata={"format": "pt"})
+    from helpers.merge import write_verification  # a new merge, checked as notebook 03 checks it
+
+    write_verification(final_work.final_model, {"passed": True}, base_model=weights.parent, adapter=weights.parent)
     publish.build_model_repo(final_work, "m-renamed")
     third = publish.push_model_repo(final_work, url)
     assert [o["path"] for o in third.lfs_objects_sent] == ["model.safetensors"]
@@ -439,19 +479,66 @@ def test_hub_token_comes_from_the_environment(monkeypatch):
     assert publish.hub_token("https://hub.example/u/m.git") == FAKE_TOKEN
 
 
-def test_notebook_pushes_over_http_without_leaking_the_token(final_work, token_hub, monkeypatch):
+def token_in_every_place(url: str) -> dict[str, str]:
+    """Where a person might write a token into a URL: as the user, as the password, in the query."""
+    return {"user": url.replace("http://", f"http://{FAKE_TOKEN}@"),
+            "password": url.replace("http://", f"http://student:{FAKE_TOKEN}@"),
+            "query": f"{url}?access_token={FAKE_TOKEN}"}
+
+
+def test_a_token_anywhere_is_refused_and_written_nowhere(final_work, token_hub, monkeypatch, capfd):
+    """A token in any URL (model remote, app remote, hub id or endpoint; function or notebook parameter) is refused
+    with one sentence before anything is stored; the token from COURSE_HUB_TOKEN pushes model and app over HTTP, and
+    afterwards no file of the work dir (.git/ and the executed notebook included), no output and no file of the
+    remote holds it."""
     from helpers.runner import run_course
 
+    bare(token_hub["bare"].parent / "app.git")
+    model_url, app_url = token_hub["url"], token_hub["url"].replace("model.git", "app.git")
     for k, v in {**token_hub["lfs_env"], publish.TOKEN_ENV: FAKE_TOKEN, publish.USER_ENV: "student"}.items():
         monkeypatch.setenv(k, v)
-    assert run_course(final_work.root, only=["06"], params={"remote_url": token_hub["url"]}, quiet=True) == 0
+    repo = publish.build_model_repo(final_work, "m")
+    publish.push_model_repo(final_work, model_url, token=FAKE_TOKEN)  # a .git/config that a refusal must not touch
+    app = publish.build_app_bundle(final_work, model_url)
+    config_before = (repo / ".git" / "config").read_bytes()
+    for where, url in token_in_every_place(model_url).items():
+        for attempt in (lambda: publish.push_model_repo(final_work, url, token=FAKE_TOKEN),
+                        lambda: publish.push_folder(app, url, token=FAKE_TOKEN),
+                        lambda: publish.build_model_repo(final_work, "m", repo_url=url),
+                        lambda: publish.build_app_bundle(final_work, url),
+                        lambda: publish.verify_push(repo, url, token=FAKE_TOKEN),
+                        lambda: publish.remote_kind(url),
+                        lambda: publish.upload_to_hub(repo, "student/m", token=FAKE_TOKEN, endpoint=url)):
+            with pytest.raises(PublishError, match="written into it.*put the token in the COURSE_HUB_TOKEN") as e:
+                attempt()
+            assert FAKE_TOKEN not in str(e.value), where
+        with pytest.raises(PublishError, match="hub_repo_id is not 'owner/name'") as e:
+            publish.upload_to_hub(repo, url, token=FAKE_TOKEN)
+        assert FAKE_TOKEN not in str(e.value)
+    assert (repo / ".git" / "config").read_bytes() == config_before
+    # As notebook parameters: refused before papermill writes them into the executed notebook.
+    for name in ("remote_url", "app_remote_url", "hub_endpoint", "hub_repo_id"):
+        for where, url in token_in_every_place(model_url).items():
+            assert run_course(final_work.root, only=["06"], params={name: url}, quiet=True) == 1, (name, where)
+            assert not (final_work.executed / "06_publish.ipynb").exists()
+    assert "error: remote_url http://127.0.0.1:" in capfd.readouterr().err
+
+    seen = len(token_hub["seen"])
+    assert run_course(final_work.root, only=["06"], params={"remote_url": model_url, "app_remote_url": app_url},
+                      quiet=True) == 0
     results = json.loads(final_work.result("06_publish").read_text())
-    assert results["pushed"] and results["remote"] == token_hub["url"] and results["verified"]["identical"]
+    assert results["pushed"] and results["remote"] == model_url and results["verified"]["identical"]
+    assert results["app_push"]["pushed"] and results["app_push"]["remote"] == app_url
     assert git(token_hub["bare"], "rev-parse", "main").strip() == results["commit"]
+    assert f"Basic {base64.b64encode(f'student:{FAKE_TOKEN}'.encode()).decode()}" in token_hub["seen"][seen:]
     executed = (final_work.executed / "06_publish.ipynb").read_text(encoding="utf-8")
     assert results["commit"] in executed and "## How to use it" in executed
-    assert files_containing(final_work.root, FAKE_TOKEN) == []
-    assert files_containing(token_hub["bare"], FAKE_TOKEN) == []
+
+    printed = capfd.readouterr()
+    assert FAKE_TOKEN not in printed.out + printed.err
+    assert files_containing(final_work.root, FAKE_TOKEN) == []  # .git/config of repo and app, results, notebooks
+    assert files_containing(token_hub["bare"].parent, FAKE_TOKEN) == []
+    assert FAKE_TOKEN not in git(repo, "config", "--list") + git(final_work.app, "config", "--list")
 
 
 # ---------------------------------------------------------------- huggingface_hub (mocked, no network)

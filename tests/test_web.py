@@ -77,3 +77,56 @@ def test_chat_in_a_real_browser(course_work, streamlit_server, browser, chat_in_
     shown = chat_in_browser(url, "你是谁", IDENTITY, "web_chat.png")
     assert "你是谁" in shown[0]
     assert "chat demo" in browser.title or "chat demo" in browser.find_element(By.TAG_NAME, "h1").text
+
+
+SYSTEM = "You are a helpful assistant."  # a prompt that changes the tiny model's answer to 你是谁 (asserted below)
+
+
+def _answers(model_dir, system: str) -> str:
+    from helpers.chat import load_chat_model
+    from helpers.generation import generate_answers
+
+    return generate_answers(*load_chat_model(model_dir), ["你是谁"], system=system, max_new_tokens=256)[0]
+
+
+def test_web_demo_answers_with_the_trained_system_prompt(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers.chat import web_command, write_chat_defaults
+
+    model_dir = tmp_path / "final_model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    write_chat_defaults(model_dir, SYSTEM)  # what merge records beside the model
+    course, bare = _answers(model_dir, SYSTEM), _answers(model_dir, "")
+    assert course != bare  # the served answer tells which prompt it had
+    at = _app_test(WEB_APP, model_dir, monkeypatch)
+    assert at.sidebar.text_area[0].value == SYSTEM
+    at.chat_input[0].set_value("你是谁").run()
+    assert at.chat_message[1].markdown[0].value.strip() == course
+    at.sidebar.text_area[0].set_value("").run()  # the sidebar changes it
+    at.sidebar.button[0].click().run()
+    at.chat_input[0].set_value("你是谁").run()
+    assert at.chat_message[1].markdown[0].value.strip() == bare
+    command = web_command(model_dir, system="-be brief")  # `helpers web --system`: a prompt may start with "-"
+    assert web_app_module.system_from_args(command[command.index("--") + 1:]) == "-be brief"
+    assert web_app_module.system_from_args(["--model-dir", str(model_dir)]) is None
+
+
+def test_web_demo_shows_a_generation_error_and_keeps_it_out_of_the_history(tiny_model_dir, monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+
+    at = _app_test(WEB_APP, tiny_model_dir, monkeypatch)
+    real = GenerationMixin.generate
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GenerationMixin, "generate", out_of_memory)
+    at.chat_input[0].set_value("你是谁").run()
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith(
+        "The model could not answer (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB); the question was not added")
+    assert at.session_state["history"] == []
+    monkeypatch.setattr(GenerationMixin, "generate", real)
+    at.chat_input[0].set_value("你是谁").run()
+    assert not at.error and [m.name for m in at.chat_message] == ["user", "assistant"]
+    history = at.session_state["history"]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"] == _answers(tiny_model_dir, "")

@@ -1,7 +1,8 @@
 """The deployed chat demo: on first start it fetches the fine-tuned model from its git repository (with
 git-lfs) into a cache folder, then serves the chat app (chat_app.py) on it.
 
-Run locally with `streamlit run app.py`; the model repository is set in app_config.json or MODEL_REPO_URL.
+Run locally with `streamlit run app.py`; the model repository is set in app_config.json or MODEL_REPO_URL, and the
+system prompt the model was trained with in its `system` field (or MODEL_SYSTEM_PROMPT).
 """
 import os
 import sys
@@ -52,5 +53,5 @@ if served().get("commit") != commit:  # a new commit was fetched into the same f
     served()["commit"] = commit
 if config.get("title"):
     chat_app.TITLE = config["title"]
-chat_app.render_app(path)
+chat_app.render_app(path, system=config.get("system"))  # the prompt the model was trained with
 st.caption(f"From `{config['model_repo_url']}` at {config['revision']}: serving commit {(commit or '?')[:12]}")

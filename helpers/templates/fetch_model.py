@@ -1,9 +1,9 @@
 """Fetch the model repository with git + git-lfs into a cache folder, once (standard library only).
 
 Settings come from app_config.json beside this file, overridden by the environment:
-MODEL_REPO_URL, MODEL_REVISION, MODEL_CACHE_DIR, and MODEL_REPO_TOKEN (an access token for a private
-repository, a deploy platform's secret; MODEL_REPO_USER where the hub needs a user name). The token is
-handed to git by a credential helper and never written down.
+MODEL_REPO_URL, MODEL_REVISION, MODEL_CACHE_DIR, MODEL_SYSTEM_PROMPT, and MODEL_REPO_TOKEN (an access token
+for a private repository, a deploy platform's secret; MODEL_REPO_USER where the hub needs a user name). The
+token is handed to git by a credential helper and never written down; a URL with credentials in it is refused.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 TOKEN_ENV = "MODEL_REPO_TOKEN"
 MARKER = ".fetched.json"
@@ -31,9 +32,14 @@ def settings(app_dir: str | os.PathLike) -> dict:
     url = os.environ.get("MODEL_REPO_URL") or config.get("model_repo_url")
     if not url:
         raise FetchError(f"no model repository configured: set MODEL_REPO_URL or model_repo_url in {config_file}.")
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and ("@" in parts.netloc or parts.query):
+        # the URL is shown on the page and written to the cache's marker: a secret in it would be too
+        raise FetchError(f"the model repository URL {parts.scheme}://{parts.hostname}{parts.path} has credentials "
+                         f"written into it; remove them and set the {TOKEN_ENV} secret instead.")
     return {"model_repo_url": url, "revision": os.environ.get("MODEL_REVISION") or config.get("revision") or "main",
             "cache_dir": os.environ.get("MODEL_CACHE_DIR") or config.get("cache_dir") or str(app_dir / "model_cache"),
-            "title": config.get("title")}
+            "title": config.get("title"), "system": os.environ.get("MODEL_SYSTEM_PROMPT", config.get("system"))}
 
 
 def _env(token: str | None) -> dict:
@@ -57,6 +63,12 @@ def _git(args: list[str], cwd: Path, env: dict, what: str, token: str | None) ->
         raise FetchError(f"{what} failed ({said or 'no message'}); check the URL, the revision and, for a private "
                          f"repository, the {TOKEN_ENV} secret.")
     return proc.stdout
+
+
+def _is_pointer(path: Path) -> bool:
+    """Whether a file is still an LFS pointer: its first bytes only (a weight file may be gigabytes)."""
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 
 def remote_commit(url: str, revision: str = "main", token: str | None = None) -> str | None:
@@ -94,7 +106,7 @@ def fetch_model(url: str, cache_dir: str | os.PathLike, revision: str = "main", 
              f"cloning {url} ({revision})", token)
         _git(["lfs", "pull"], tmp, env, f"downloading the LFS files (weights) of {url}", token)
         listed = _git(["lfs", "ls-files", "--name-only"], tmp, env, "listing the LFS files", token).split("\n")
-        missing = [p for p in listed if p and (tmp / p).read_bytes()[:len(LFS_POINTER)] == LFS_POINTER]
+        missing = [p for p in listed if p and _is_pointer(tmp / p)]
         if missing:
             raise FetchError(f"{url}: {missing[0]} is still an LFS pointer after `git lfs pull`; the hub does not "
                              "hold its content (push the weights with git-lfs again).")
