@@ -319,7 +319,12 @@ def publish_section(work: Work) -> Section:
         return s
     push = _find_push(r)
     remote, commit = push.get("remote") or push.get("remote_url"), push.get("commit") or push.get("pushed_commit")
-    if commit:
+    from .publish import remote_kind
+
+    if commit and remote and remote_kind(str(remote))["transport"] == "local":  # a folder on this machine
+        s.p(f"Practice remote, not published: commit {commit} went to {remote}, a repository on this machine; "
+            "push to a model hub (remote_url in notebook 06) to publish.")
+    elif commit:
         s.p(f"Pushed commit {commit} to {remote}.")
     else:
         s.p("The model repository was not pushed.")

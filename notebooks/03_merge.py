@@ -33,6 +33,7 @@ import pandas as pd
 
 import helpers
 from helpers.base_model import base_model_path
+from helpers.fingerprint import current_sources
 from helpers.merge import dir_size, merge, verification_rows
 from helpers.progress import quiet_libraries
 from helpers.results import save_results
@@ -112,8 +113,8 @@ answers = generate_answers(final, final_tokenizer, ["你是谁", "请你介绍�
 answers
 
 # %%
-save_results(work, "03_merge", {**result.as_dict(), "reload_answers": answers,
-                                "adapter_chat": before_merge});
+save_results(work, "03_merge", {**result.as_dict(), "reload_answers": answers, "adapter_chat": before_merge,
+                                "sources": current_sources(work, ("adapter", "final_model"))});
 
 # %% [markdown]
 # Next: **04 · Chat demo** puts the base and the merged model side by side, and lets you chat with it here,

@@ -36,6 +36,7 @@ import pandas as pd
 import helpers
 from helpers.base_model import base_model_path
 from helpers.chat import before_after, general_questions, overfitting_check
+from helpers.fingerprint import current_sources
 from helpers.merge import require_verified
 from helpers.progress import quiet_libraries
 from helpers.results import load_results, save_results
@@ -105,7 +106,8 @@ for label, v in verdicts.items():
 # %%
 save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max_new_tokens": max_new_tokens,
                                     "rows": table.to_dict(orient="records"), **verdict,
-                                    "contrast": verdicts.get("over-fitted contrast")});
+                                    "contrast": verdicts.get("over-fitted contrast"),
+                                    "sources": current_sources(work, ("adapter", "final_model"))});
 
 # %% [markdown]
 # On the tiny model the check tells the two runs apart: the contrast repeats its identity on (nearly) every

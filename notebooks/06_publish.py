@@ -174,6 +174,7 @@ if app_remote_url:
 print(f"app pushed: {app_push.commit} to {app_push.remote}" if app_push else "app push: not asked for")
 
 # %%
+from helpers.fingerprint import current_sources
 from helpers.results import save_results
 
 save_results(work, "06_publish", {
@@ -181,7 +182,9 @@ save_results(work, "06_publish", {
     "model_repo": str(repo), "files": files,
     "lfs_objects": lfs_files(repo) if push else [], "verified": verified, "hub_upload": hub_upload, "app": str(app),
     "app_files": sorted(p.name for p in app.iterdir() if p.name != ".git"),
-    "app_push": app_push.to_dict() if app_push else None});
+    "app_push": app_push.to_dict() if app_push else None,
+    "practice_remote": bool(push) and remote_kind(push.remote)["transport"] == "local",  # a local push: not published
+    "sources": current_sources(work, ("final_model",))});
 
 # %% [markdown]
 # To try the app here: `cd WORK/publish/app && streamlit run app.py`. The model card, the app and the

@@ -147,3 +147,9 @@ def test_a_report_killed_mid_swap_is_whole_again_on_the_next_build(tmp_path):
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["index.html", "index.md"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
 
+
+
+def test_a_push_to_a_local_remote_is_called_practice(course_work):
+    md = (course_work.report / "index.md").read_text(encoding="utf-8")
+    assert "Practice remote, not published" in md and "Pushed commit" not in md
+    assert json.loads(course_work.result("06_publish").read_text(encoding="utf-8"))["practice_remote"] is True
