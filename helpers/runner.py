@@ -18,6 +18,13 @@ def _typed(value: str, declared_type: str | None):
     return value if declared_type == "str" else parse_value(value)
 
 
+def _declared_type(declared: dict) -> str:
+    """papermill's type of a parameter, "str" for a default written as text: name = "小明" declares a name, so a
+    student called 007 or 1e3 stays text (papermill infers types only from annotations)."""
+    default = str(declared.get("default") or "").lstrip()
+    return "str" if default[:1] in ("'", '"') else declared["inferred_type_name"]
+
+
 def _readable_parameters() -> None:
     """Injected strings as Python literals with their Unicode intact (papermill escapes it: "\\u5c0f...")."""
     from papermill.translators import PythonTranslator, papermill_translators
@@ -50,7 +57,7 @@ def run_course(work_dir=None, only=None, params: dict | None = None, quiet: bool
     status = 0
     for nb in course_notebooks(only):
         declared = pm.inspect_notebook(str(nb))
-        passed = {k: _typed(v, declared[k]["inferred_type_name"]) if isinstance(v, str) else v
+        passed = {k: _typed(v, _declared_type(declared[k])) if isinstance(v, str) else v
                   for k, v in params.items() if k in declared}
         if "work_dir" in declared:
             passed["work_dir"] = str(work.root)

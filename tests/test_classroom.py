@@ -322,7 +322,7 @@ def test_ctrl_c_cancels_a_slurm_job_array_through_submitit(tmp_path):
 # ---------------------------------------------------------------- any name a student can have
 NAMES = {  # student_id: (as written in the CSV, the name the student gets)
     "dash": ("-Ann", "-Ann"),
-    "number": ("1e3", "1e3"),  # text, though YAML would read a number
+    "number": ("007", "007"),  # text, though it reads as a number
     "quotes": ("  O'Brien \"Bo\" `x`  ", "O'Brien \"Bo\" `x`"),  # a CSV cell's padding is not part of the name
     "emoji_rtl": ("🦊 مريم דוד 👩‍💻", "🦊 مريم דוד 👩‍💻"),
     "long": ("小" * 100 + "Ann" * 33 + "!", "小" * 100 + "Ann" * 33 + "!"),  # 200 characters
