@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,7 @@ def _kill_at(script: str, root: Path, delay: float) -> None:
     """Start the operation in its own process and SIGKILL it `delay` seconds after it is ready."""
     proc = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([proc.stdout], [], [], 300)[0], "the operation's process did not start in 300 s"
         assert proc.stdout.readline().strip() == "ready", "the operation's process did not start"
         time.sleep(delay)
     finally:
