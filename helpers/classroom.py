@@ -53,6 +53,7 @@ from .data import atomic_write_text
 from .notebooks import course_notebooks, notebook_parameters
 from .paths import work as make_work
 from .progress import print_table
+from .publish import PublishError, refuse_credentials
 
 REQUIRED = ("student_id", "name")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a directory name
@@ -116,6 +117,10 @@ def read_class(csv_path: str | Path, known: set[str] | None = None) -> list[dict
                                  f"to at most {MAX_NAME}.")
         seen[sid] = line
         params = {k: v for k, v in row.items() if k in extra and v != ""}
+        try:  # a token in a URL cell would reach the student's parameter file and executed notebooks
+            refuse_credentials(params)
+        except PublishError as e:
+            raise ClassFileError(f"{path}: line {line}: {e}") from None
         students.append({"student_id": sid, "name": name, "params": {"name": name, **params}})
     if not students:
         raise ClassFileError(f"{path}: no students below the header; add one line per student.")
@@ -561,6 +566,11 @@ def run_class(csv_path, work_dir=None, only: list[str] | None = None, params: di
     Ctrl-C stopped the run, else 1."""
     students = _class_to_run(csv_path, workers, slurm)
     if students is None:
+        return 2
+    try:  # -p / -f values go into every student's parameter file: refused before any is written
+        refuse_credentials(params or {})
+    except PublishError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     notebooks = course_notebooks(only)
     declared = notebook_parameters()

@@ -237,11 +237,13 @@ def convert_internlm2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .fingerprint import folder_hashes
+
     src, dst = Path(src).resolve(), Path(dst)
     if not is_internlm2(src):
         raise ConversionError(f"{src}/config.json does not say model_type 'internlm2'; nothing to convert.")
     stamp = {"version": CONVERSION_VERSION, "source": str(src),
-             "source_files": {f.name: f.stat().st_size for f in sorted(src.iterdir()) if f.is_file()}}
+             "source_files": folder_hashes(src)}  # by content: a checkpoint swapped in place is converted anew
     record = dst / CONVERSION_RECORD
     if record.exists() and json.loads(record.read_text()) == stamp:
         return dst

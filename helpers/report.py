@@ -163,6 +163,12 @@ def environment_section(work: Work) -> Section:
     s.table(["fact", "value"], _scalars(r, skip=("recommendation", "qlora_4bit_note")))
     if r.get("recommendation"):
         s.p(str(r["recommendation"]))
+    identity = r.get("base_model_identity")
+    if isinstance(identity, dict):  # which base model, by content (what `homework check --require-base` compares)
+        preset = ((read_results(work, "02_qlora_finetune") or {}).get("hyper_parameters") or {}).get("preset")
+        rows = [(k, _text(identity[k])) for k in ("source", "architecture", "parameters", "hidden_size", "layers",
+                                                  "vocab_size", "content_sha256") if k in identity]
+        s.table(["base model", "value"], rows + ([("preset (notebook 02)", preset)] if preset else []))
     return s
 
 

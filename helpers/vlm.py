@@ -132,11 +132,14 @@ def build_vlm(llm_path: str | os.PathLike, vision_path: str | os.PathLike, out_d
     return save_vlm(model, processor, out_dir)
 
 
-def save_vlm(model, processor, out_dir: str | os.PathLike) -> Path:
-    """Save model + processor in Hugging Face format, atomically (temp dir, then rename)."""
+def save_vlm(model, processor, out_dir: str | os.PathLike, finish=None) -> Path:
+    """Save model + processor in Hugging Face format, atomically (temp dir, then rename). finish(folder): writes
+    what belongs beside them (a projector, the training record) into the staged folder, before it is swapped in."""
     with staged_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if finish is not None:
+            finish(tmp)
     return Path(out_dir)
 
 

@@ -288,13 +288,15 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
               "image_sha256": file_sha256(image) if isinstance(image, (str, os.PathLike)) else None,
               "model_identity": model_identity(model_dir)}  # what it started from, by content
     out = work.vlm_aligned_model if stage == 1 else work.vlm_adapter
-    if stage == 1:
-        save_vlm(model, processor, out)
-        _save_projector(model, out / PROJECTOR_FILE)
-    else:
-        save_vlm(model, processor, out)  # the PEFT adapter (LoRA + projector) and the processor
-    record["aligned_model_sha256" if stage == 1 else "adapter_sha256"] = folder_sha256(out)
-    atomic_write_text(out / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1, default=str))
+
+    def finish(folder: Path) -> None:  # inside the staged folder: a kill never leaves it without its record
+        if stage == 1:
+            _save_projector(model, folder / PROJECTOR_FILE)
+        record["aligned_model_sha256" if stage == 1 else "adapter_sha256"] = folder_sha256(folder)
+        atomic_write_text(folder / "training_record.json",
+                          json.dumps(record, ensure_ascii=False, indent=1, default=str))
+
+    save_vlm(model, processor, out, finish)  # stage 2: the PEFT adapter (LoRA + projector) and the processor
     return record | {"output": str(out), "model": model, "processor": processor,
                      "evaluations": stage_evaluations(work, stage)}
 
@@ -345,11 +347,13 @@ def merge_vlm(work: Work) -> Path:
     model, processor = load_adapter_vlm(work)
     merged = model.merge_and_unload()
     merged.to(torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
-    out = save_vlm(merged, processor, work.vlm_final_model)
     record = work.vlm_adapter / "training_record.json"
-    if record.exists():
-        (out / "training_record.json").write_text(record.read_text(encoding="utf-8"), encoding="utf-8")
-    return out
+
+    def finish(folder: Path) -> None:  # the adapter's record travels with the merged model, inside the swap
+        if record.exists():
+            (folder / "training_record.json").write_text(record.read_text(encoding="utf-8"), encoding="utf-8")
+
+    return save_vlm(merged, processor, work.vlm_final_model, finish)
 
 
 def before_after_table(questions: list[str], expected: list[str], stage1: list[str], stage2: list[str] | None = None,

@@ -117,12 +117,26 @@ def test_bad_class_run_flags_are_one_sentence(tmp_path, capsys):
     ('student_id,name\na,"Ann\nLee"\n', r"the name of a holds the control character '\\n' \(a line break"),
     ("student_id,name\na,Ann\x00\n", r"the name of a holds the control character '\\x00'"),
     ("student_id,name\na," + "A" * 1001 + "\n", "the name of a is 1001 characters long; shorten it to at most 1000"),
+    ("student_id,name,remote_url\na,B,https://SECRET-TOKEN@hub.example/a/m.git\n",
+     "line 2: remote_url https://hub.example/a/m.git has"),
 ])
 def test_a_bad_class_file_is_one_sentence_naming_the_line(tmp_path, text, problem):
     path = tmp_path / "students.csv"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(ClassFileError, match=problem):
-        read_class(path, known={"work_dir", "name", "general_ratio"})
+    with pytest.raises(ClassFileError, match=problem) as raised:
+        read_class(path, known={"work_dir", "name", "general_ratio", "remote_url"})
+    assert "SECRET-TOKEN" not in str(raised.value)
+
+
+def test_a_token_in_a_class_runs_parameters_reaches_no_file(tmp_path, capsys):
+    path = tmp_path / "students.csv"
+    path.write_text("student_id,name\na,B\n", encoding="utf-8")
+    assert main(["run", "--class", str(path), "--work-dir", str(tmp_path / "c"),
+                 "-p", "remote_url", "https://SECRET-TOKEN@hub.example/a/m.git"]) == 2
+    err = capsys.readouterr().err
+    assert "COURSE_HUB_TOKEN" in err and "SECRET-TOKEN" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and "SECRET-TOKEN" in p.read_text(errors="ignore")
+                and p != path]
 
 
 def test_a_bad_class_file_runs_nobody(tmp_path, capsys):

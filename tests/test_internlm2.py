@@ -118,6 +118,25 @@ def test_converted_model_matches_the_reference_forward(tmp_path, tiny_model_dir)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     assert (expected - expected.mean(-1, keepdim=True)).abs().max() > 0.5  # logits that differ enough to tell
     assert convert_internlm2(src, tmp_path / "converted") == dst  # second call reuses the copy
+    stamp = (dst / "model.safetensors").stat().st_mtime_ns
+    assert convert_internlm2(src, tmp_path / "converted") == dst and (dst / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_checkpoint_swapped_in_place_at_the_same_size_is_converted_anew(tmp_path, tiny_model_dir):
+    """Another checkpoint of the same dimensions in the same folder (a base changed in place): the converted copy
+    follows the source's content, not its path and file sizes."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "internlm2-chat-mini"
+    _internlm2_checkpoint(src, tiny_model_dir)
+    dst = convert_internlm2(src, tmp_path / "converted")
+    before = load_file(str(dst / "model.safetensors"))
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        save_file({k: v + 0.25 if v.is_floating_point() else v for k, v in tensors.items()}, str(f),
+                  metadata={"format": "pt"})
+    after = load_file(str(convert_internlm2(src, tmp_path / "converted") / "model.safetensors"))
+    assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
 
 
 def test_prepare_base_model_converts_internlm2_once(tmp_path, tiny_model_dir):

@@ -153,3 +153,9 @@ def test_a_push_to_a_local_remote_is_called_practice(course_work):
     md = (course_work.report / "index.md").read_text(encoding="utf-8")
     assert "Practice remote, not published" in md and "Pushed commit" not in md
     assert json.loads(course_work.result("06_publish").read_text(encoding="utf-8"))["practice_remote"] is True
+
+
+def test_the_report_names_the_base_model_by_content(course_work):
+    identity = json.loads(course_work.result("00_environment").read_text(encoding="utf-8"))["base_model_identity"]
+    md = (course_work.report / "index.md").read_text(encoding="utf-8")
+    assert identity["content_sha256"] in md and "preset (notebook 02)" in md
