@@ -491,6 +491,7 @@ def check_publish(work: Work, required: bool, allow_practice_remote: bool = Fals
     """The remote, asked by the checker, holds the model repository byte for byte (its LFS weights fetched
     back), and those weights are final_model's. A local or file:// remote is practice, never a publication."""
     from .fingerprint import folder_hashes
+    from .merge import first_names
     from .publish import PublishError, hub_token, verify_push
 
     r = read_results(work, "06_publish") or {}
@@ -508,13 +509,13 @@ def check_publish(work: Work, required: bool, allow_practice_remote: bool = Fals
                                                                 f"{_first_line(e)}{optional}")
     if not back["identical"]:
         return Check("publish", "FAIL", f"the remote {remote} does not hold this work's model repository "
-                                        f"({_names_of(back['differ'])} differ)")
+                                        f"({first_names(back['differ'])} differ)")
     weights = {n: h for n, h in folder_hashes(work.final_model, cached=False).items() if n.endswith(".safetensors")}
     pushed = folder_hashes(work.model_repo, cached=False)
     stale = sorted(n for n, h in weights.items() if pushed.get(n) != h)
     if not weights or stale:
         return Check("publish", "FAIL", f"the pushed weights are not this work's final_model "
-                                        f"({_names_of(stale) or 'final_model has none'}); run notebook 06 again")
+                                        f"({first_names(stale) or 'final_model has none'}); run notebook 06 again")
     if _practice(remote):
         why = f"practice remote, not published: {remote} holds the model ({back['files']} files, identical)"
         if required and not allow_practice_remote:
@@ -522,10 +523,6 @@ def check_publish(work: Work, required: bool, allow_practice_remote: bool = Fals
         return Check("publish", "PASS" if required else "SKIP", why)
     return Check("publish", "PASS", f"{remote} holds this work's model repository ({back['files']} files, "
                                     "identical when cloned back, weights = final_model)")
-
-
-def _names_of(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 CHECK_NAMES = ("base", "dataset", "identity", "overfitting", "merge", "vlm", "publish")  # in order

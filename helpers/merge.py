@@ -266,10 +266,11 @@ def verify_merge(final_model: str | os.PathLike, base_model: str | os.PathLike, 
     Runs on the GPU where it fits (`verify_device`), and again on the CPU if the GPU runs out of memory all the
     same (a card shared by others)."""
     final_model, base_model, adapter = Path(final_model), Path(base_model), Path(adapter)
-    problems = _structure_problems(final_model, base_model, adapter) + _config_problems(final_model, base_model, adapter)
-    problems += _template_problems(final_model, base_model, adapter)
+    trained = load_tokenizer(base_model, adapter)  # the tokenizer the adapter was trained with
+    problems = _structure_problems(final_model, base_model, adapter)
+    problems += _config_problems(final_model, base_model, adapter, trained) + _template_problems(final_model, trained)
     try:
-        found = _on_gpu_else_cpu(verify_device(base_model), _verify_on, final_model, base_model, adapter,
+        found = _on_gpu_else_cpu(verify_device(base_model), _verify_on, final_model, base_model, adapter, trained,
                                  list(prompts or VERIFY_PROMPTS), tolerance)
     except Exception as e:  # a model that does not even load is a finding, not a crash
         if not problems:
@@ -329,7 +330,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _names(keys: list[str], n: int = 3) -> str:
+def first_names(keys: list[str], n: int = 3) -> str:
+    """The first n names and how many more, for a one-sentence finding."""
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
@@ -351,9 +353,9 @@ def _structure_problems(final: Path, base: Path, adapter: Path) -> list[str]:
     reshaped = sorted(k for k in set(expected) & set(final_shapes) if expected[k] != final_shapes[k])
     problems = []
     if missing:
-        problems.append(f"final_model lacks {len(missing)} tensor(s) that base + adapter has ({_names(missing)})")
+        problems.append(f"final_model lacks {len(missing)} tensor(s) that base + adapter has ({first_names(missing)})")
     if extra:
-        problems.append(f"final_model holds {len(extra)} tensor(s) that base + adapter does not ({_names(extra)})")
+        problems.append(f"final_model holds {len(extra)} tensor(s) that base + adapter does not ({first_names(extra)})")
     for k in reshaped[:3]:
         problems.append(f"{k} has shape {list(final_shapes[k])} in final_model but {list(expected[k])} in base + adapter")
     return problems
@@ -369,7 +371,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _config_problems(final: Path, base: Path, adapter: Path) -> list[str]:
+def _config_problems(final: Path, base: Path, adapter: Path, trained) -> list[str]:
     """Every config field that changes what the model computes, or where its answers stop, must be the base's."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -385,7 +387,7 @@ def _config_problems(final: Path, base: Path, adapter: Path) -> list[str]:
         if leaf == "tie_word_embeddings" and b is True and a is False and _adapts_output_layer(adapter):
             continue
         problems.append(f"config.json's {key} is {a!r} in final_model but {b!r} in the base")
-    expected = generation_config_with_stops(base, load_tokenizer(base, adapter)).to_dict()
+    expected = generation_config_with_stops(base, trained).to_dict()
     try:
         stored = GenerationConfig.from_pretrained(final).to_dict()
     except OSError:
@@ -399,13 +401,12 @@ def _config_problems(final: Path, base: Path, adapter: Path) -> list[str]:
     return problems
 
 
-def _template_problems(final: Path, base: Path, adapter: Path) -> list[str]:
+def _template_problems(final: Path, theirs) -> list[str]:
     """final_model's tokenizer must turn a chat into the same ids as the one the adapter was trained with."""
     try:
         mine = load_tokenizer(final)
     except Exception as e:  # any tokenizer-loading failure is the finding
         return [f"final_model's tokenizer does not load ({type(e).__name__})"]
-    theirs = load_tokenizer(base, adapter)
     if mine.chat_template != theirs.chat_template:
         return ["final_model's chat template differs from the one the adapter was trained with"]
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": VERIFY_PROMPTS[0]},
@@ -433,10 +434,9 @@ def _on_gpu_else_cpu(device: str, fn, *args):
     return fn(*args, "cpu")
 
 
-def _verify_on(final_model, base_model, adapter, prompts: list[str], tolerance, device: str) -> dict:
+def _verify_on(final_model, base_model, adapter, tokenizer, prompts: list[str], tolerance, device: str) -> dict:
     import torch
 
-    tokenizer = load_tokenizer(base_model, adapter)
     batches = _prompt_ids(tokenizer, prompts)
     merged = load_model(final_model, device=device)
     got = _logits(merged, batches)
@@ -651,7 +651,7 @@ def verification_problem(model_dir: str | os.PathLike) -> str:
     now = folder_hashes(model_dir)
     changed = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
     if changed:
-        return f"{model_dir}: {_names(changed)} changed since the merge was verified; run notebook 03 again"
+        return f"{model_dir}: {first_names(changed)} changed since the merge was verified; run notebook 03 again"
     return ""
 
 
