@@ -9,57 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base_model import ModelPathError
+from .chat_defaults import CHAT_DEFAULTS_FILE, trained_system_prompt, write_chat_defaults  # noqa: F401
 from .generation import context_length, fit_history, generate_answers
 from .merge import AdapterError, UnverifiedModelError, load_model, load_tokenizer, require_verified
 from .template import TemplateError, stop_token_ids
-from .terminal import run_cli
+from .terminal import generation_problem, run_cli
 
 
-CHAT_DEFAULTS_FILE = "chat_defaults.json"  # beside a model: the system prompt it was trained with
 
 
 class ChatError(RuntimeError):
     """The model could not answer; the message says why in one sentence."""
-
-
-def trained_system_prompt(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> str | None:
-    """The system prompt the model was trained with: the adapter's training_record.json (hyper_parameters.system),
-    else the model folder's chat_defaults.json (what merge writes) or training_record.json; None when none says."""
-    import json
-
-    for folder in [adapter, model_dir] if adapter else [model_dir]:
-        for name, keys in ((CHAT_DEFAULTS_FILE, ("system",)), ("training_record.json", ("hyper_parameters", "system"))):
-            path = Path(folder) / name
-            if not path.is_file():
-                continue
-            try:
-                value = json.loads(path.read_text(encoding="utf-8"))
-                for key in keys:
-                    value = value[key]
-            except (ValueError, KeyError, TypeError):
-                raise ModelPathError(f"{path}: has no readable '{'.'.join(keys)}' field; fix or delete the file "
-                                     "(or pass the system prompt with --system).") from None
-            if not isinstance(value, str):
-                raise ModelPathError(f"{path}: '{'.'.join(keys)}' is {value!r}, not text; write the system "
-                                     "prompt as a string.")
-            return value
-    return None
-
-
-def write_chat_defaults(model_dir: str | os.PathLike, system: str) -> Path:
-    """MODEL/chat_defaults.json: the system prompt the model answers with by default (chat, web demo, app)."""
-    import json
-
-    path = Path(model_dir) / CHAT_DEFAULTS_FILE
-    path.write_text(json.dumps({"system": system}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return path
-
-
-def generation_problem(error: BaseException) -> str:
-    """One sentence for a failed answer: what went wrong, and that the turn was left out of the conversation."""
-    said = (str(error).strip().splitlines() or [""])[0][:200]
-    return (f"The model could not answer ({type(error).__name__}{': ' + said if said else ''}); the question was "
-            "not added to the conversation: try again, with fewer max new tokens, or reset the conversation.")
 
 
 @dataclass

@@ -174,7 +174,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def served_system_prompt(work: Work, model_dir: str | os.PathLike | None = None) -> str | None:
     """The system prompt the published model was trained with: recorded beside the model (chat_defaults.json),
     else, for the work dir's own final_model, in its adapter's training record; None when nothing records it."""
-    from .chat import trained_system_prompt
+    from .chat_defaults import trained_system_prompt
 
     source = Path(model_dir) if model_dir else work.final_model
     system = trained_system_prompt(source)
@@ -215,7 +215,7 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(f, tmp / rel)
         if system is not None and not (tmp / "chat_defaults.json").exists():
-            from .chat import write_chat_defaults
+            from .chat_defaults import write_chat_defaults
 
             write_chat_defaults(tmp, system)
         if work.loss_plot.exists():

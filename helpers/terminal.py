@@ -32,11 +32,16 @@ def run_cli(session, stdin=None, stdout=None, about: str = "") -> int:
             for piece in session.send(text):
                 print(piece, end="", file=stdout, flush=True)
         except Exception as e:  # one sentence, and the chat goes on: the session kept no half turn
-            from .chat import generation_problem
-
             print(f"\nerror: {generation_problem(e)}", file=stdout, flush=True)
             continue
         print(file=stdout, flush=True)
         if getattr(session, "dropped", 0):
             print(f"(the {session.dropped} oldest turns no longer fit the model's context and were left out; "
                   f"{RESET} starts over)", file=stdout, flush=True)
+
+
+def generation_problem(error: BaseException) -> str:
+    """One sentence for a failed answer: what went wrong, and that the turn was left out of the conversation."""
+    said = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"The model could not answer ({type(error).__name__}{': ' + said if said else ''}); the question was "
+            "not added to the conversation: try again, with fewer max new tokens, or reset the conversation.")
