@@ -85,32 +85,30 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def streamlit_server(tmp_path):
-    """start(args, cwd=None, env=None) runs `python -m *args` ("{port}" in args is filled in with a free port),
-    waits until the Streamlit server is healthy and returns its URL; the server is stopped after the test."""
+def local_servers(tmp_path):
+    """start(argv, name, ready, cwd=None, env=None) runs a server on a free port ("{port}" in argv is filled in),
+    its output in a log file, until ready(url) answers True; returns the URL. Every server stops after the test."""
     import subprocess
-    import sys
     import time
-    import urllib.request
 
     servers = []
 
-    def start(command: list[str], cwd=None, env=None) -> str:
+    def start(argv: list[str], name: str, ready, cwd=None, env=None) -> str:
         port = _free_port()
-        log = (tmp_path / f"streamlit-{port}.log").open("w")  # a file, not a pipe nobody drains (a full pipe stalls it)
-        args = [a.replace("{port}", str(port)) for a in command]
-        server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env,
+        log = (tmp_path / f"{name}-{port}.log").open("w")  # a file, not a pipe nobody drains (a full pipe stalls it)
+        server = subprocess.Popen([a.replace("{port}", str(port)) for a in argv], cwd=cwd, env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
         servers.append((server, log))
+        url = f"http://127.0.0.1:{port}"
         for _ in range(600):
-            assert server.poll() is None, f"streamlit exited: {Path(log.name).read_text()}"
+            assert server.poll() is None, f"{name} exited: {Path(log.name).read_text()}"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        return f"http://127.0.0.1:{port}"
+                if ready(url):
+                    return url
             except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"streamlit did not become healthy: {Path(log.name).read_text()}")
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"{name} did not answer: {Path(log.name).read_text()}")
 
     yield start
     for server, log in servers:
@@ -121,6 +119,23 @@ def streamlit_server(tmp_path):
             server.kill()
             server.wait()
         log.close()
+
+
+@pytest.fixture
+def streamlit_server(local_servers):
+    """start(args, cwd=None, env=None) runs `python -m *args` ("{port}" in args is filled in with a free port),
+    waits until the Streamlit server is healthy and returns its URL; the server is stopped after the test."""
+    import sys
+    import urllib.request
+
+    def healthy(url: str) -> bool:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.read().strip() == b"ok"
+
+    def start(command: list[str], cwd=None, env=None) -> str:
+        return local_servers([sys.executable, "-m", *command], "streamlit", healthy, cwd=cwd, env=env)
+
+    return start
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,44 +27,21 @@ def contents(server: str, path: str, model: dict | None = None) -> dict:
 
 
 @pytest.fixture
-def jupyter_lab(tmp_path):
+def jupyter_lab(tmp_path, local_servers):
     """start(cwd, *args) runs `jupyter lab` as the README does, with only the settings install_jupyter_settings put
     in a fresh environment prefix (JUPYTER_CONFIG_PATH points there), and returns the server's URL."""
-    from conftest import _free_port
-
     prefix = tmp_path / "prefix"
     install_jupyter_settings(prefix)
     env = os.environ | {"JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter"),
                         "JUPYTER_CONFIG_DIR": str(tmp_path / "user-config"),  # the user's own settings stay out
                         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    servers = []
 
     def start(cwd: Path, *args: str) -> str:
-        port = _free_port()
-        log = (tmp_path / f"lab-{port}.log").open("w")  # a file, not a pipe nobody drains
-        server = subprocess.Popen([str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", f"--port={port}",
-                                   f"--IdentityProvider.token={TOKEN}", "--ServerApp.allow_root=True", *args],
-                                  cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        servers.append((server, log))
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            assert server.poll() is None, f"jupyter lab exited: {Path(log.name).read_text()}"
-            try:
-                contents(url, "")
-                return url
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"jupyter lab did not answer: {Path(log.name).read_text()}")
+        argv = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--port={port}",
+                f"--IdentityProvider.token={TOKEN}", "--ServerApp.allow_root=True", *args]
+        return local_servers(argv, "lab", lambda url: contents(url, "") is not None, cwd=cwd, env=env)
 
-    yield start
-    for server, log in servers:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    return start
 
 
 def listed(listing: dict) -> set[str]:
