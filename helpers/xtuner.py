@@ -3,8 +3,8 @@ from __future__ import annotations
 
 # (XTuner config field, the course's value, the kit's parameter in notebooks 01/02, note)
 XTUNER_FIELDS = [
-    ("pretrained_model_name_or_path", "/root/model/internlm2-chat-1_8b", "base_model", "notebook 00"),
-    ("alpaca_en_path (data_path)", "datas/assistant.json", "data_path", "notebook 01 writes it"),
+    ("pretrained_model_name_or_path", "/root/ft/model", "base_model", "notebook 00"),
+    ("alpaca_en_path (data_path)", "/root/ft/data/personal_assistant.json", "data_path", "notebook 01 writes it"),
     ("prompt_template", "PROMPT_TEMPLATE.internlm2_chat", "(the tokenizer's chat template)", "one template for training and chat"),
     ("max_length", 1024, "max_length", ""),
     ("pack_to_max_length", True, "pack_to_max_length", ""),
