@@ -185,13 +185,6 @@ def trainer_arguments(config) -> dict:
     return args
 
 
-def adjust_plan(plan, config):
-    """The fast path under FSDP runs eager layers (the compiled ones would skip FSDP's gathering of each layer)."""
-    if plan is not None and world_size() > 1 and config.distributed == "fsdp":
-        plan.compile_layers = False
-    return plan
-
-
 def token_average_scale(trainer, num_items_in_batch) -> int:
     """The factor the Trainer's own compute_loss applies when tokens are averaged across processes.
 
@@ -208,42 +201,6 @@ def unwrap(model):
     while not hasattr(type(model), "get_base_model") and hasattr(model, "module"):  # the class's, not forwarded
         model = model.module
     return model
-
-
-def through_wrapper(model, fn):
-    """fn(inner_model) run as the model's forward, so DDP / DeepSpeed / FSDP see a forward pass: DDP arms its
-    gradient averaging there, FSDP gathers the root's shards. Called on the inner model instead, the ranks would
-    each keep their own gradients without a word. In one process fn runs as it is.
-
-    FSDP2 under accelerate's bf16 mixed precision casts the root's output to bf16 (MixedPrecisionPolicy's
-    output_dtype): the loss keeps fn's float32 value, and its backward still runs through the wrapper's output."""
-    if world_size() == 1:
-        return fn(model)
-    import torch
-
-    inner = unwrap(model)
-    result = []
-    own = inner.__dict__.get("forward")  # accelerate's autocast wrapper, when it put one on the model
-
-    def restore():
-        if own is None:
-            inner.__dict__.pop("forward", None)
-        else:
-            inner.forward = own
-
-    def forward_once(*args, **kwargs):
-        restore()  # fn may call the model itself
-        result.append(fn(inner))
-        return result[0]
-
-    inner.forward = forward_once
-    try:  # one placeholder input: DDP and FSDP move their inputs to the GPU and fail on none at all
-        out = model(torch.zeros(1))
-    finally:
-        restore()
-    if isinstance(out, torch.Tensor) and out.dtype != result[0].dtype:  # value of fn's, gradient through out's
-        return result[0].detach() + (out - out.detach())
-    return out
 
 
 @contextlib.contextmanager

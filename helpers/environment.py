@@ -44,11 +44,27 @@ def environment(work_dir) -> dict:
         "qlora_4bit_note": why4,
         "free_disk_gib": round(shutil.disk_usage(work_dir).free / 2**30, 1),
     }
-    from .fast_path import fast_paths
-
-    facts["fast_paths"] = fast_paths()
     facts["recommended_preset"], facts["recommendation"] = recommend_preset(facts)
+    facts["training_plan"] = course_plan(facts["recommended_preset"], work_dir)
     return facts
+
+
+def course_plan(preset: str, work_dir) -> dict:
+    """How notebook 02 would train `preset` on this machine (the same make_plan, without loading a model): the
+    base model's config.json when notebook 00 has prepared it, else internlm2-chat-1.8b's dimensions."""
+    from pathlib import Path
+
+    from .train import TrainConfig
+    from .train.plan import make_plan
+
+    model_config = None
+    if (Path(work_dir) / "model" / "config.json").exists():
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(str(Path(work_dir) / "model"))
+    plan = make_plan(TrainConfig(preset=preset).resolved(), model_config)
+    why = dict(plan.why)
+    return {choice: f"{value}: {why[choice]}" if why.get(choice) else value for choice, value in plan.rows()}
 
 
 def recommend_preset(facts: dict) -> tuple[str, str]:
@@ -69,7 +85,7 @@ def readable_table(table):
 
 
 def environment_table(facts: dict):
-    """One row per fact; a group of facts (fast_paths) gets a row per item, not a Python dict in one cell."""
+    """One row per fact; a group of facts (training_plan) gets a row per item, not a Python dict in one cell."""
     import pandas as pd
 
     rows = {}

@@ -15,8 +15,7 @@ from pathlib import Path
 from .data import IGNORE_INDEX, atomic_write_text, encode_messages
 from .fingerprint import file_sha256, folder_sha256, model_identity
 from .paths import Work
-from .train import (TrainConfig, TrainConfigError, _callbacks, _trainer_class, peak_memory_mb,
-                    resolve_quantization, share_gpu, training_arguments)
+from .train import TrainConfig, TrainConfigError, peak_memory_mb, share_gpu
 from .vlm import answer_about_image, load_vlm, open_image, save_vlm
 from .vlm_data import IMAGE_TOKEN, load_llava_data
 
@@ -111,43 +110,34 @@ def lora_target_pattern(vision_lora: bool = True) -> str:
     return "|".join(f"(?:{p})" for p in parts)
 
 
-def load_stage_model(model_dir, stage: int, config: TrainConfig, vision_lora: bool = True,
+def load_stage_model(model_dir, stage: int, config: TrainConfig, plan, vision_lora: bool = True,
                      fully_trained: list[str] | None = None):
-    """(model, processor, quantization, note) ready to train: stage 1 projector only; stage 2 LoRA + projector."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """(model, processor) ready to train as `plan` says: stage 1 the projector only; stage 2 LoRA + projector,
+    the LLM in the plan's weights (4-bit NF4 keeps the vision tower, projector and output layer in 16 bits)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    quantization, note = ("none", "stage 1 trains the projector only; the LLM and vision tower are frozen")
-    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
-    if stage == 2:
-        quantization, note = resolve_quantization(config.quantization)
-        if quantization == "nf4":
-            from transformers import BitsAndBytesConfig
+    from .train.model import dtype_of, quantization_config
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=kwargs["dtype"],
-                llm_int8_skip_modules=NOT_QUANTIZED)  # only the LLM goes 4-bit
-    model, processor = load_vlm(model_dir, **kwargs)
-    if torch.cuda.is_available() and "quantization_config" not in kwargs:
+    quantized = quantization_config(plan, skip=NOT_QUANTIZED) if plan.weights == "nf4" else None
+    model, processor = load_vlm(model_dir, dtype=dtype_of("bf16" if plan.weights == "nf4" else plan.weights),
+                                quantization_config=quantized)
+    if plan.device == "cuda" and quantized is None:
         model.to("cuda")
     model.config.use_cache = False
     if stage == 1:
         trained = fully_trained or FULLY_TRAINED[config.preset]
         for name, p in model.named_parameters():
             p.requires_grad = any(part in name.split(".") for part in trained)
-        return model, processor, quantization, note
-    if quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
+        return model, processor
+    if plan.recomputation:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     set_seed(config.seed)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=lora_target_pattern(vision_lora),
                       modules_to_save=fully_trained or FULLY_TRAINED[config.preset])
-    return get_peft_model(model, lora), processor, quantization, note
+    return get_peft_model(model, lora), processor
 
 
 def trainable_summary(model) -> dict:
@@ -162,63 +152,6 @@ def trainable_summary(model) -> dict:
     return parts | {"trainable": sum(parts.values()), "total": total}
 
 
-# ---------------------------------------------------------------- rows per forward
-def activation_bytes(model_config, tokens: int, pictures: int, checkpointing: bool) -> float:
-    """Bytes one forward and backward of a LLaVA model holds beyond its weights: the LLM's activations per token as
-    fast_path.footprint counts them, plus the full logits the model's own loss keeps (bf16 logits, their float32
-    copy, log-probabilities and gradients: 16 bytes a vocabulary entry), plus each picture's vision tower.
-    It leans high: for the H200 run of benchmarks/gpu_vlm_real_dims.py (a 1.8B LLM in NF4 and CLIP ViT-L/14-336,
-    one row of 1,600 tokens, recomputation) it gives 2.6 GiB, plus 1.5 GiB for the 104 M trainable weights' states
-    in rows_per_forward, where 2.9 GiB above the loaded model was measured."""
-    from .fast_path import footprint
-
-    text = getattr(model_config, "text_config", model_config)
-    need = footprint(text, "bf16", 0, 0)
-    per_token = need["recomputed_per_token" if checkpointing else "stored_per_token"] + 16.0 * text.vocab_size
-    v = getattr(model_config, "vision_config", None)
-    per_picture = 0.0
-    if v is not None and all(hasattr(v, a) for a in ("image_size", "patch_size", "hidden_size", "intermediate_size")):
-        patches = (v.image_size // v.patch_size) ** 2 + 1
-        layer = (14 * v.hidden_size + 4 * v.intermediate_size) * 2 * patches  # what one layer keeps for its backward
-        stored = v.num_hidden_layers * v.hidden_size * 2 * patches + layer  # recomputed: each layer's input, one layer
-        per_picture = stored if checkpointing else v.num_hidden_layers * layer
-    return per_token * tokens + per_picture * pictures
-
-
-def rows_per_forward(model_config, longest: int, memory_gib: float, loaded_gib: float, trainable: int,
-                     batch_size: int, rows_per_update: int, checkpointing: bool) -> tuple[int, int]:
-    """(rows per forward, forwards per update) for a stage: as many of the update's rows as fit the GPU beside the
-    loaded model (and the trainable weights' gradients and AdamW states), each row padded to the longest record,
-    with the LLM plan's headroom (fast_path.rows_that_fit). The update keeps its rows and its token-averaged
-    loss; one forward of 16 short rows instead of 16 forwards of one is what keeps a GPU busy at these lengths."""
-    from .fast_path import GIB, rows_that_fit, trainer_batches
-
-    rows_fit = rows_that_fit(memory_gib, loaded_gib * GIB + 16.0 * trainable,
-                             activation_bytes(model_config, longest, 1, checkpointing))
-    return trainer_batches(rows_fit * longest, longest, batch_size, rows_per_update)
-
-
-def size_stage_batches(model, rows: list[dict], config: TrainConfig) -> str:
-    """On a GPU, set config's rows per forward (batch_size) and forwards per update (gradient_accumulation) to what
-    fits (rows_per_forward); returns a note for the stage's first line ("" where nothing changes: the CPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return ""
-    from .fast_path import GIB, gpu_memory_gib
-
-    per_update = config.batch_size * config.gradient_accumulation
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    memory = gpu_memory_gib()
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
-    longest = max(len(r["input_ids"]) for r in rows)
-    config.batch_size, config.gradient_accumulation = rows_per_forward(
-        model.config, longest, memory, torch.cuda.memory_allocated() / GIB, trainable, config.batch_size,
-        per_update, checkpointing)
-    return (f"{config.batch_size} rows of at most {longest} tokens per forward x {config.gradient_accumulation} "
-            f"(the same {per_update} rows per update), sized to {memory:.0f} GiB of GPU memory")
-
-
 # ---------------------------------------------------------------- training
 class _StagePaths:
     """The files of one stage under WORK/vlm/train/stage<N>."""
@@ -228,8 +161,10 @@ class _StagePaths:
         self.metrics, self.loss_plot = root / "metrics.jsonl", root / "loss.png"
 
 
-def _image_evaluation_callback(base, image, config: TrainConfig, out_dir: Path, processor):
-    class ImageEvaluation(base):
+def _image_evaluation_callback(image, config: TrainConfig, out_dir: Path, processor):
+    from .train.callbacks import EvaluationCallback
+
+    class ImageEvaluation(EvaluationCallback):
         """The kit's evaluation rounds, answering the questions about the picture."""
 
         def evaluate(self, model, step: int) -> None:
@@ -257,19 +192,25 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
         shutil.rmtree(paths.root)
     paths.eval_outputs.mkdir(parents=True)
     share_gpu()  # a class run's share of the card, when several students train on it
-    model, processor, quantization, note = load_stage_model(model_dir, stage, config, vision_lora, fully_trained)
-    rows = encode_llava_samples(processor, data_file, config.max_length)
-    sized = size_stage_batches(model, rows, config)
-    print(f"stage {stage}: {note}" + (f"; {sized}" if sized else ""))
-    EvaluationCallback, MetricsCallback, ProgressCallback = _callbacks()
+    from transformers import AutoConfig, AutoProcessor
+
+    from .train.callbacks import MetricsCallback, ProgressCallback
+    from .train.plan import make_plan
+    from .train.trainer import course_trainer, training_arguments
+
+    rows = encode_llava_samples(AutoProcessor.from_pretrained(str(model_dir)), data_file, config.max_length)
+    plan = make_plan(config, AutoConfig.from_pretrained(str(model_dir)), stage=stage,
+                     longest=max(len(r["input_ids"]) for r in rows))
+    model, processor = load_stage_model(model_dir, stage, config, plan, vision_lora, fully_trained)
+    print(f"stage {stage}: {plan.summary()}")
     extra = {"save_strategy": "no"} if stage == 1 else {}  # stage 1's result is the aligned model itself
     config.extra = extra | dict(config.extra)
     pixel_dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
-    trainer = _trainer_class()(model=model, args=training_arguments(config, paths.checkpoints), train_dataset=rows,
-                               data_collator=LlavaCollator(processor.tokenizer.pad_token_id, pixel_dtype))
-    trainer.remove_callback(PrinterCallback)
+    trainer = course_trainer(model, training_arguments(config, paths.checkpoints, plan), rows,
+                             LlavaCollator(processor.tokenizer.pad_token_id, pixel_dtype),
+                             save_total_limit=config.save_total_limit)
     title = f"VLM stage {stage} loss ({'projector' if stage == 1 else 'LoRA + projector'})"
-    for cb in (_image_evaluation_callback(EvaluationCallback, image, config, paths.eval_outputs, processor),
+    for cb in (_image_evaluation_callback(image, config, paths.eval_outputs, processor),
                MetricsCallback(weakref.ref(trainer), paths.metrics, paths.loss_plot, title), ProgressCallback()):
         trainer.add_callback(cb)
     if torch.cuda.is_available():
@@ -278,7 +219,8 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = [json.loads(x) for x in paths.metrics.read_text().splitlines() if x.strip()]
-    record = {"stage": stage, "quantization": quantization, "model": str(model_dir), "data_file": str(data_file),
+    record = {"stage": stage, "quantization": "nf4" if plan.weights == "nf4" else "none", "plan": plan.as_dict(),
+              "model": str(model_dir), "data_file": str(data_file),
               "samples": len(rows), "steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
               "first_loss": metrics[0]["loss"] if metrics else None,
               "final_loss": metrics[-1]["loss"] if metrics else None,
@@ -309,6 +251,54 @@ def _save_projector(model, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)
+
+
+def use_pretrained_projector(work: Work, projector, image=None, evaluation_inputs: list[str] | None = None,
+                             system: str = "") -> dict:
+    """Stage 1 as the course runs it: WORK/vlm/base_model with the course's pre-trained projector (XTuner's LLaVA
+    pretrain output, helpers.xtuner.read_projector) becomes WORK/vlm/aligned_model, which stage 2 trains from.
+    Its answers to `evaluation_inputs` about `image` are stage 1's one evaluation round (step 0)."""
+    import shutil
+
+    import torch
+
+    from .vlm import VlmError
+    from .xtuner import XTunerError, read_projector, source_sha256
+
+    try:
+        weights = read_projector(projector)
+    except XTunerError as e:
+        raise VlmError(str(e)) from None
+    model, processor = load_vlm(work.vlm_base_model)
+    layer = model.model.multi_modal_projector
+    wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
+        got, want = weights["linear_1.weight"].shape, wanted["linear_1.weight"]
+        raise VlmError(f"pretrained_projector {projector}: maps {got[1]} vision features to {got[0]}, but this LLaVA's "
+                       f"vision encoder gives {want[1]} and its LLM takes {want[0]}; give the projector pre-trained "
+                       "for this vision encoder and LLM (the course's: clip-vit-large-patch14-336 + internlm2-chat-1_8b).")
+    with torch.no_grad():
+        layer.load_state_dict({k: v.to(layer.linear_1.weight.dtype) for k, v in weights.items()})
+    paths = _StagePaths(work.vlm_stage(1))
+    if paths.root.exists():  # rounds of an earlier stage 1 would describe another projector
+        shutil.rmtree(paths.root)
+    paths.eval_outputs.mkdir(parents=True)
+    if image is not None and evaluation_inputs:
+        answers = answer_about_image(model, processor, image, evaluation_inputs, system)
+        atomic_write_text(paths.eval_outputs / "step_000000.json", json.dumps(
+            {"step": 0, "inputs": evaluation_inputs, "answers": answers}, ensure_ascii=False, indent=1))
+    source = Path(projector).expanduser()
+    record = {"stage": 1, "pretrained_projector": str(source), "steps": 0, "model": str(work.vlm_base_model),
+              "projector_sha256": source_sha256(source),
+              "evaluation_inputs": evaluation_inputs, "model_identity": model_identity(work.vlm_base_model)}
+
+    def finish(folder: Path) -> None:  # inside the staged folder, as train_stage's stage 1 writes it
+        _save_projector(model, folder / PROJECTOR_FILE)
+        record["aligned_model_sha256"] = folder_sha256(folder)
+        atomic_write_text(folder / "training_record.json", json.dumps(record, ensure_ascii=False, indent=1))
+
+    save_vlm(model, processor, work.vlm_aligned_model, finish)
+    return record | {"output": str(work.vlm_aligned_model)}
 
 
 def stage_evaluations(work: Work, stage: int) -> list[dict]:
