@@ -14,6 +14,9 @@ COMMAND_MODULES = [
     "helpers.homework",
     "helpers.report",
     "helpers.train",
+    "helpers.evaluate",
+    "helpers.serve",
+    "helpers.export",
 ]
 
 
