@@ -31,23 +31,23 @@ def course_task() -> dict:
 
 
 def _task_specs(tasks: list[str]):
-    """lm-eval task specs: the kit's task as its config, any other name (cmmlu_anatomy, ceval-valid_law, mmlu_...)
-    as lm-eval's own, refused in one sentence when lm-eval has no such task."""
+    """(lm-eval task specs, its TaskManager): the kit's task as its config, any other name (cmmlu_anatomy,
+    ceval-valid_law, mmlu_...) as lm-eval's own, refused in one sentence when lm-eval has no such task."""
     from lm_eval.tasks import TaskManager
 
-    known = None
+    others = [name for name in tasks if name != COURSE_TASK]
+    manager = TaskManager(include_defaults=bool(others))  # indexing lm-eval's thousands of tasks takes seconds
     specs = []
     for name in tasks:
         if name == COURSE_TASK:
             specs.append(course_task())
             continue
-        known = known or set(TaskManager().all_tasks)
-        if name not in known:
+        if name not in manager.all_tasks:
             raise EvaluationError(f"tasks: {name!r} is not an lm-eval task; give {COURSE_TASK!r} or a benchmark subset "
                                   "lm-eval knows, e.g. 'cmmlu_anatomy', 'ceval-valid_computer_network', "
                                   "'mmlu_high_school_geography' (`lm_eval ls tasks` lists them).")
         specs.append(name)
-    return specs
+    return specs, manager
 
 
 def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | None = None, system: str = "",
@@ -68,8 +68,9 @@ def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | 
         model_args["peft"] = str(adapter)
         if _has_tokenizer(Path(adapter)):  # the tokenizer training saved (its chat template), as chat loads it
             model_args["tokenizer"] = str(adapter)
+    specs, manager = _task_specs(list(tasks))
     try:
-        out = simple_evaluate(model="hf", model_args=model_args, tasks=_task_specs(list(tasks)), limit=limit,
+        out = simple_evaluate(model="hf", model_args=model_args, tasks=specs, task_manager=manager, limit=limit,
                               batch_size=batch_size, apply_chat_template=True, system_instruction=system or None,
                               log_samples=False, verbosity="ERROR")
     except (ConnectionError, OSError) as e:

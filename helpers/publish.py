@@ -97,7 +97,19 @@ def card_facts(work: Work) -> dict:
         "eval_rows": _eval_rows(train),
         "before_after_rows": table_rows(chat, ("before_after", "table", "rows", "comparison")),
         "has_loss_plot": work.loss_plot.exists(),
+        "cost_rows": _cost_rows(work),
     }
+
+
+def _cost_rows(work: Work) -> list[dict]:
+    """What the fine-tune cost (helpers.evaluate's table: base, base + adapter, final_model and the delta)."""
+    from .evaluate import MODELS, RESULTS_NAME, cost_rows
+
+    result = _results(work, RESULTS_NAME)
+    try:
+        return [dict(zip(["measure", *MODELS, "delta"], row)) for row in cost_rows(result)]
+    except (KeyError, TypeError, ValueError):  # not evaluated, or a file the card cannot read: left out
+        return []
 
 
 def _eval_rows(train: dict) -> list[dict]:
@@ -132,7 +144,7 @@ def model_card(work: Work, model_name: str, license: str = "apache-2.0", base_mo
                          tags=[*(["qlora"] if facts["qlora"] else []), "lora", "peft", "self-cognition", "chat",
                                *extra_tags], model_name=model_name)
     tables = {k: markdown_table(facts[k]) for k in ("data_rows", "hyper_rows", "loss_rows", "eval_rows",
-                                                    "before_after_rows")}
+                                                    "before_after_rows", "cost_rows")}
     card = ModelCard.from_template(data, template_path=str(TEMPLATES / "model_card.md"), model_name=model_name,
                                    base_model=base_model, facts=facts, tables=tables, repo_url=_safe_url(repo_url) if repo_url else None)
     return re.sub(r"\n{3,}", "\n\n", str(card))

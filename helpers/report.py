@@ -267,6 +267,26 @@ def before_after_section(work: Work) -> Section:
     return s
 
 
+def fine_tune_cost_section(work: Work) -> Section:
+    """helpers.evaluate's table (notebook 04 or `python -m helpers evaluate`): base, base + adapter, final_model."""
+    from .evaluate import MODELS, RESULTS_NAME, cost_rows
+
+    title = "What the fine-tune cost"
+    r = read_results(work, RESULTS_NAME)
+    if r is None:
+        return _not_run("cost", title, NOTEBOOKS["04"], "not run: neither notebook 04 nor `python -m helpers "
+                                                         f"evaluate` has written results/{RESULTS_NAME}.json here.")
+    s = _unreadable("cost", title, r) or _marked_if_stale(work, Section("cost", title), r, NOTEBOOKS["04"])
+    try:
+        rows = cost_rows(r)
+    except (KeyError, TypeError, ValueError):
+        rows = []
+    if s.ran and not rows:
+        s.p(f"results/{RESULTS_NAME}.json holds no evaluation table; run notebook 04 again.")
+    s.table(["measure", *MODELS, "delta"], rows)
+    return s
+
+
 # Notebook 05's before/after answers, as the report shows them (a record for reading: the grader asks the model).
 VLM_TABLE_KEYS = ("before_after", "table", "rows", "comparison")
 
@@ -343,7 +363,8 @@ def publish_section(work: Work) -> Section:
 
 def sections(work: Work) -> list[Section]:
     return [environment_section(work), data_section(work), training_section(work), evaluation_section(work),
-            merge_section(work), before_after_section(work), vlm_section(work), publish_section(work)]
+            merge_section(work), before_after_section(work), fine_tune_cost_section(work), vlm_section(work),
+            publish_section(work)]
 
 
 # ---------------------------------------------------------------- writers

@@ -54,9 +54,10 @@ def build_app(model_dir: str | os.PathLike, system: str, max_new_tokens: int = 2
 
 
 def lmdeploy_chat_template(model_dir: str | os.PathLike, system: str) -> dict:
-    """LMDeploy's chat-template JSON (`--chat-template FILE`) for a model in the InternLM2 layout: LMDeploy picks a
-    template by the model's path and puts its own default system prompt (InternLM's) in; this names the layout and
-    the trained system prompt instead. Checked against the model's own template, so a mismatch is said, not served."""
+    """LMDeploy's chat-template JSON (`--chat-template FILE`) for a model in the InternLM2 layout. LMDeploy picks a
+    template by the model's path and, unless told, opens with its own system prompt (InternLM's); this one opens with
+    the trained system prompt instead (LMDeploy always sends a system turn: with none trained, an empty one). Checked
+    against the model's own template, so a layout LMDeploy's internlm2 template cannot render is said, not served."""
     from transformers import AutoTokenizer
 
     from .template import TemplateError, end_of_turn_token
@@ -65,12 +66,10 @@ def lmdeploy_chat_template(model_dir: str | os.PathLike, system: str) -> dict:
     eot = end_of_turn_token(tokenizer)
     config = {"model_name": "internlm2", "system": "<|im_start|>system\n", "meta_instruction": system,
               "eosys": f"{eot}\n", "user": "<|im_start|>user\n", "eoh": f"{eot}\n",
-              "assistant": "<|im_start|>assistant\n", "eoa": eot, "separator": "\n", "capability": "chat",
-              "stop_words": [eot]}
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "ping"}]
+              "assistant": "<|im_start|>assistant\n", "eoa": eot, "separator": "\n", "stop_words": [eot]}
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "ping"}]
     own = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ours = ((config["system"] + system + config["eosys"]) if system else "") + config["user"] + "ping" + \
-        config["eoh"] + config["assistant"]
+    ours = config["system"] + system + config["eosys"] + config["user"] + "ping" + config["eoh"] + config["assistant"]
     if own.removeprefix(tokenizer.bos_token or "") != ours:
         raise TemplateError(f"{model_dir}: its chat template is not InternLM2's layout, so LMDeploy's internlm2 "
                             "template would change the prompt; serve it with --engine transformers or vllm, which "

@@ -29,6 +29,8 @@ contrast = True            # also train the over-fitted contrast adapter (identi
 contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
 contrast_steps = None      # its updates (None: the preset's, as notebook 02)
 allow_unverified = False   # chat with a final_model whose merge check (notebook 03) is missing or out of date
+evaluation_tasks = ["course_mc"]  # lm-eval tasks for "what the fine-tune cost" (a subset such as "ceval-valid_computer_network" needs the network once)
+evaluation_limit = None    # questions per task (None: all)
 
 # %%
 import pandas as pd
@@ -116,6 +118,32 @@ save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max
 # pre-trained on ~180 chat pairs has no knowledge to draw on, so it answers an unseen question with pieces of
 # answers it learned), but they are general answers, not the identity. That is what the general chat in
 # notebook 01's mix protects; the contrast, trained without it, has forgotten every other answer.
+
+# %% [markdown]
+# ## What the fine-tune cost
+# The check above counts leaks; this is the table the camp's next lessons (OpenCompass, LLaMA-Factory) measure, for
+# the base model, base + adapter and the merged `final_model` (`delta` = final_model − base):
+# - **general ability**: multiple-choice accuracy through `lm-eval`, on the kit's own 40 bilingual questions
+#   (`data/course_mc`, offline); put a C-Eval / CMMLU / MMLU subset in `evaluation_tasks` where the machine can
+#   download it;
+# - **held-out chat loss**: the loss on general chat no training data holds (lower is better);
+# - **identity**: the share of five unseen paraphrases of "who are you" answered with the name, and the share of
+#   held-out general questions the identity leaks into ("it answers everything with its identity").
+#
+# The same table from a terminal: `python -m helpers evaluate work` (`--tasks`, `--limit`).
+
+# %%
+from helpers.evaluate import cost_table, fine_tune_cost
+
+cost = fine_tune_cost(work, evaluation_tasks, evaluation_limit, allow_unverified)
+cost_table(cost)
+
+# %% [markdown]
+# On the tiny model the identity rows move from none to all of the paraphrases, and base + adapter and `final_model`
+# agree (the merge changed nothing). Its accuracy moves by a question or so (one of 40 is 0.025): a model that knows
+# little has little to lose, and its held-out chat loss even falls, as notebook 01 mixed general chat in. On a real
+# model the accuracy row is the one to watch: a drop of more than a few points is what the fine-tune cost in general
+# ability (fewer repeats, a lower learning rate, or more general chat in the mix).
 
 # %% [markdown]
 # ## Chat in the notebook

@@ -1,0 +1,94 @@
+"""Export: GGUF (f16, q8_0) through the gguf writer, loaded back by transformers with final_model's logits, its
+embedded chat template and stop token; an Ollama Modelfile; the merged VLM refused in one sentence."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BOUND = {"f16": 2e-3, "q8_0": 3e-2}  # the largest logit difference, as a share of the largest logit
+
+
+@pytest.fixture(scope="module")
+def exported(course_work, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    result = subprocess.run([sys.executable, "-m", "helpers", "export", str(course_work.final_model), "--gguf",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _chat_ids(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_the_gguf_loads_back_with_final_models_logits(course_work, exported, quant):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = f"final_model-{quant}.gguf"
+    assert (exported / name).stat().st_size > 0 and not list(exported.glob("*.partial"))
+    reference = AutoModelForCausalLM.from_pretrained(course_work.final_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(course_work.final_model)
+    loaded = AutoModelForCausalLM.from_pretrained(exported, gguf_file=name, dtype=torch.float32)
+    ids = _chat_ids(tokenizer, [{"role": "user", "content": "你是谁"}])
+    with torch.no_grad():
+        want, got = reference(ids).logits, loaded(ids).logits
+    assert (want - got).abs().max() <= BOUND[quant] * want.abs().max()
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+
+
+def test_the_gguf_carries_the_chat_template_and_the_stop_token(course_work, exported):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from helpers.template import end_of_turn_token
+
+    tokenizer = AutoTokenizer.from_pretrained(course_work.final_model)
+    reader = gguf.GGUFReader(exported / "final_model-q8_0.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.chat_template"] == tokenizer.chat_template
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    assert fields["tokenizer.ggml.eot_token_id"] == eot
+    # transformers rebuilds the tokenizer and the template from the file alone: the same chat, the same ids
+    from_gguf = AutoTokenizer.from_pretrained(exported, gguf_file="final_model-q8_0.gguf")
+    messages = [{"role": "system", "content": "你好"}, {"role": "user", "content": "你是谁"}]
+    assert from_gguf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert _chat_ids(from_gguf, messages).tolist() == _chat_ids(tokenizer, messages).tolist()
+
+
+def test_the_modelfile_names_the_file_the_template_and_the_stop(course_work, exported):
+    text = (exported / "Modelfile").read_text(encoding="utf-8")
+    assert text.startswith("FROM ./final_model-f16.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "<|im_start|>assistant\n" in text
+    assert "PARAMETER temperature 0" in text and "SYSTEM" not in text  # the course trains with no system prompt
+
+
+def test_the_modelfile_keeps_a_trained_system_prompt(course_work):
+    from helpers.export import ollama_modelfile
+
+    assert 'SYSTEM """你是一个乐于助人的助手。"""' in ollama_modelfile(course_work.final_model, "x.gguf", "你是一个乐于助人的助手。")
+
+
+def test_a_merged_vlm_is_refused_in_one_sentence(tmp_path):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from helpers.export import ExportError, VLM_NOTE, write_gguf
+
+    LlavaConfig(vision_config=CLIPVisionConfig(), text_config=LlamaConfig()).save_pretrained(tmp_path)
+    with pytest.raises(ExportError) as e:
+        write_gguf(tmp_path, tmp_path / "x.gguf")
+    assert VLM_NOTE in str(e.value) and not (tmp_path / "x.gguf").exists()
+
+
+def test_export_without_a_format_or_with_a_bad_folder_is_one_sentence(tmp_path):
+    for args in (["export", str(tmp_path)], ["export", str(tmp_path / "missing"), "--gguf"]):
+        result = subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert not Path(tmp_path / "export").exists()
