@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "helpers.homework",
     "helpers.report",
     "helpers.train",
+    "helpers.xtuner",
     "helpers.evaluate",
     "helpers.serve",
     "helpers.export",
