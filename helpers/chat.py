@@ -30,10 +30,15 @@ class GenerationSettings:
 
 
 def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None):
-    """(model, tokenizer) for chatting: a full model, or a base model with an adapter on top."""
+    """(model, tokenizer) for chatting: a full model, or a base model with an adapter on top (the kit's, or XTuner's
+    pth_to_hf folder or iter_N.pth, converted for this session as `xtuner chat BASE --adapter ADAPTER` takes it)."""
     from .base_model import loadable_model_dir
+    from .xtuner import converted_adapter, xtuner_format
 
     model_dir = loadable_model_dir(model_dir)  # `chat work/model --adapter work/adapter` for a real base model too
+    if adapter is not None and xtuner_format(adapter):
+        with converted_adapter(adapter, model_dir) as kit:
+            return load_model(model_dir, kit), load_tokenizer(model_dir, kit)
     return load_model(model_dir, adapter), load_tokenizer(model_dir, adapter)
 
 
