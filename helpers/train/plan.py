@@ -238,6 +238,11 @@ def make_plan(config, model_config=None, hardware: Hardware | None = None, updat
     if not hw.cuda:
         why["weights"] = "no CUDA GPU: 32-bit weights (exact, not fast)"
         why["attention"] = "no CUDA GPU: SDPA with a block-diagonal mask per packed row"
+        why["adapters"] = "as the weights"
+        why["layers"] = "no CUDA GPU: torch's own layers"
+        why["loss"] = "the model's own (a VLM stage)" if stage else "chunked cross-entropy on the trained positions"
+        why["rows per forward"] = "as configured (batch_size x gradient_accumulation)"
+        why["recomputation"] = "as configured (gradient_checkpointing)"
         return TrainingPlan(
             weights="fp32", attention="model" if stage else "block mask", loss="model" if stage else "chunked",
             rows_per_forward=config.batch_size, accumulation=config.gradient_accumulation,
@@ -279,6 +284,8 @@ def make_plan(config, model_config=None, hardware: Hardware | None = None, updat
                         "torch's flash varlen kernel: each sample attends only to itself" if hw.varlen else
                         "SDPA with a block-diagonal mask (this GPU or torch has no varlen kernel)")
     why["adapters"] = "fp32 under bf16 autocast: the schedule's last small updates survive"
+    why["loss"] = ("the model's own (full logits; rows are short)" if stage else
+                   "chunked cross-entropy on the trained positions only: no full-vocabulary logits")
     autocast = hw.bf16 and not stage
     return TrainingPlan(
         device="cuda", weights=weights, adapters="fp32" if autocast or weights == "nf4" else weights,
