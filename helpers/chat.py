@@ -250,6 +250,31 @@ def chat_widget(model, tokenizer, system: str = "", settings: GenerationSettings
 
 # --- commands ------------------------------------------------------------------------------------
 
+# XTuner's `--prompt-template` names the kit recognises, with the turn layout each writes (a user turn, then the
+# assistant's start): the kit always renders with the tokenizer's own chat template, the option only checks it.
+PROMPT_TEMPLATES = {
+    "internlm2_chat": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "qwen_chat": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "llama3_chat": "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+}
+
+
+def check_prompt_template(name: str, tokenizer=None) -> str:
+    """The line the chat prints for `--prompt-template NAME` (the course's `xtuner chat` option); a name XTuner's
+    templates do not have, or one whose layout is not the tokenizer's, raises TemplateError in one sentence."""
+    known = ", ".join(PROMPT_TEMPLATES)
+    if name not in PROMPT_TEMPLATES:
+        raise TemplateError(f"--prompt-template {name!r} is not a template the kit knows ({known}); leave the option "
+                            "out: the chat uses the template the model's tokenizer carries.")
+    if tokenizer is not None:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if PROMPT_TEMPLATES[name].format(q="你好") not in rendered:
+            raise TemplateError(f"--prompt-template {name} does not match this model's own chat template; leave the "
+                                "option out: the chat uses the template the model's tokenizer carries.")
+    return (f"prompt template: {name} (the layout of the chat template in the model's tokenizer, which the chat uses; "
+            "the option is only checked)")
+
 def _default_model_dir(vlm: bool = False) -> str:
     from .paths import work
 
@@ -270,6 +295,9 @@ def add_command(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--unverified", action="store_true",
                    help="chat with a final_model whose merge check is missing or out of date (said on screen)")
+    p.add_argument("--prompt-template", default=None, metavar="NAME",
+                   help="xtuner chat's option, e.g. internlm2_chat: checked against the template the model's "
+                        "tokenizer carries, which the chat always uses")
     p.set_defaults(func=_chat)
     w = sub.add_parser("web", help="the Streamlit chat demo in the browser")
     w.add_argument("model_dir", nargs="?", default=None, help="model directory (default: WORK/final_model)")
@@ -293,6 +321,8 @@ def _chat(args) -> int:
         if system is None:  # the prompt the model was trained with, as notebooks 02-04 and the checker ask
             system = trained_system_prompt(model_dir, None if args.image else args.adapter) or ""
         where = "given with --system" if args.system is not None else "the one the model was trained with"
+        if args.prompt_template is not None:
+            check_prompt_template(args.prompt_template)  # an unknown name stops before any model loads
         if args.image:
             from . import vlm_chat
 
@@ -301,11 +331,14 @@ def _chat(args) -> int:
         warning = require_verified(model_dir, args.unverified) if args.adapter is None else ""
         model, tokenizer = load_chat_model(model_dir, args.adapter)
         stop_token_ids(tokenizer, model.generation_config)
+        template = check_prompt_template(args.prompt_template, tokenizer) if args.prompt_template is not None else ""
     except (ModelPathError, AdapterError, TemplateError, UnverifiedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if warning:
         print(warning, flush=True)
+    if template:
+        print(template, flush=True)
     print(f"system prompt: {system!r} ({where})", flush=True)
     return run_cli(ChatSession(model, tokenizer, system, settings))
 

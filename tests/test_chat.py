@@ -373,3 +373,33 @@ def test_widget_shows_a_generation_error_and_keeps_it_out_of_the_history(tiny_ch
     answer = widget.ask("你是谁")
     assert widget.session.history[-1]["content"] == answer and len(widget.session.history) == 2
     assert "error:" not in widget.transcript.value  # the next answer clears it
+
+
+def test_cli_takes_the_courses_prompt_template_and_names_a_wrong_one(adapter_and_final):
+    """`xtuner chat MODEL --prompt-template internlm2_chat` works as typed: the template is the tokenizer's, the
+    option is checked against it, and a name that is not the model's is one sentence before anything runs."""
+    final = adapter_and_final[1]
+    result = run_chat_cli([final, "--prompt-template", "internlm2_chat", "--max-new-tokens", "16"], "你是谁\nEXIT\n")
+    assert result.returncode == 0, result.stderr
+    assert "prompt template: internlm2_chat (the layout of the chat template in the model's tokenizer" in result.stdout
+    assert "用户 >>> 你是谁\n助手 >>> " in result.stdout  # piped input is echoed: the transcript reads as typed
+    for name, said in (("alpaca", "is not a template the kit knows (internlm2_chat, qwen_chat, llama3_chat)"),
+                       ("llama3_chat", "does not match this model's own chat template")):
+        result = run_chat_cli([final, "--prompt-template", name], "你是谁\n")
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "助手 >>>" not in result.stdout
+
+
+def test_terminal_transcript_is_the_chat_command_with_typed_lines(adapter_and_final, final_chat):
+    from helpers.chat import ChatSession, GenerationSettings
+    from helpers.terminal import terminal_transcript
+
+    final = adapter_and_final[1]
+    text = terminal_transcript(final, ["你是谁", "RESET", "你好"], "--prompt-template", "internlm2_chat",
+                               "--max-new-tokens", "24")
+    assert text.startswith(f"$ python -m helpers chat {final} --prompt-template internlm2_chat --max-new-tokens 24\n")
+    expected = ChatSession(*final_chat, settings=GenerationSettings(24)).ask("你是谁")
+    assert f"用户 >>> 你是谁\n助手 >>> {expected}\n" in text
+    assert "用户 >>> RESET\n(history cleared: 1 turns forgotten)" in text and text.rstrip().endswith("bye")
+    with pytest.raises(RuntimeError, match="the terminal chat stopped with exit code 2: error: .*no such directory"):
+        terminal_transcript(final.parent / "nowhere", ["你是谁"])
