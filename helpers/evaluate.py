@@ -54,6 +54,8 @@ def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | 
                     batch_size: int = 8) -> dict[str, float]:
     """Accuracy per task through lm-eval's Python API: the `hf` backend on `model_dir`, with the PEFT adapter on
     top when one is given, answers in the model's chat template (with the trained system prompt)."""
+    import contextlib
+    import io
     import logging
 
     import torch
@@ -70,9 +72,10 @@ def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | 
             model_args["tokenizer"] = str(adapter)
     specs, manager = _task_specs(list(tasks))
     try:
-        out = simple_evaluate(model="hf", model_args=model_args, tasks=specs, task_manager=manager, limit=limit,
-                              batch_size=batch_size, apply_chat_template=True, system_instruction=system or None,
-                              log_samples=False, verbosity="ERROR")
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-stage progress bars; errors still raise
+            out = simple_evaluate(model="hf", model_args=model_args, tasks=specs, task_manager=manager, limit=limit,
+                                  batch_size=batch_size, apply_chat_template=True,
+                                  system_instruction=system or None, log_samples=False, verbosity="ERROR")
     except (ConnectionError, OSError) as e:
         if "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower():
             raise EvaluationError(f"tasks {', '.join(t for t in tasks if t != COURSE_TASK)}: the benchmark's data "
