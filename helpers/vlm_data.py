@@ -16,7 +16,10 @@ from .paths import DATA_DIR
 
 IMAGE_TOKEN = "<image>"
 PICTURE_FILE = DATA_DIR / "vlm_picture.png"
-CONVERSATIONS_FILE = DATA_DIR / "vlm_conversations.json"  # stage 2: scripted questions and answers
+CONVERSATIONS_FILE = DATA_DIR / "vlm_conversations.json"  # stage 2: scripted questions and answers, 6 x 3 turns
+HOMEWORK_CONVERSATIONS_FILE = DATA_DIR / "vlm_conversations_homework.json"  # 6 x 10 turns, as the course's
+# Each preset's conversations: the tiny one keeps 3 turns (its evaluation rounds ask every question, on a CPU).
+PRESET_CONVERSATIONS = {"tiny": CONVERSATIONS_FILE, "homework": HOMEWORK_CONVERSATIONS_FILE}
 CAPTIONS_FILE = DATA_DIR / "vlm_captions.json"            # stage 1: caption pairs
 ROLE_NAMES = {"human": "user", "gpt": "assistant"}
 
@@ -156,6 +159,15 @@ def validate_llava_data(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------- making data
 def _shipped(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def preset_conversations(preset: str, conversations_file: str | os.PathLike | None = None) -> Path:
+    """The conversations a VLM run trains on: the student's file when given, else the preset's own."""
+    if conversations_file:
+        return Path(conversations_file).expanduser()
+    if preset not in PRESET_CONVERSATIONS:
+        raise LlavaDataError(f"preset is {preset!r}; use 'tiny' or 'homework' (or give conversations_file).")
+    return PRESET_CONVERSATIONS[preset]
 
 
 def scripted_qa(conversations_file: str | os.PathLike = CONVERSATIONS_FILE) -> dict[str, str]:

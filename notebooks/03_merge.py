@@ -27,6 +27,7 @@ max_shard_size = "2GB"      # split the weights into safetensors files of at mos
 dtype = "auto"              # "auto" (the base's own dtype), "float32", "bfloat16" or "float16" — never 4-bit
 overwrite = True            # replace an existing WORK/final_model once the new one is verified (False: stop instead)
 tolerance = None            # max allowed |logit difference| after merging (None: 1e-3 for float32, 2 x rounding noise in 16 bits)
+adapter_dir = None          # an XTuner adapter instead of notebook 02's: its pth_to_hf folder or iter_N.pth (becomes WORK/adapter)
 
 # %%
 import pandas as pd
@@ -37,11 +38,12 @@ from helpers.fingerprint import current_sources
 from helpers.merge import dir_size, merge, verification_rows
 from helpers.progress import quiet_libraries
 from helpers.results import save_results
+from helpers.xtuner import import_adapter
 
 quiet_libraries()
 work = helpers.work(work_dir)
 base = base_model_path(work)
-print("base model:", base, "\nadapter:   ", work.adapter)
+print("base model:", base, "\nadapter:   ", import_adapter(work, adapter_dir))
 
 # %% [markdown]
 # ## Before merging: chat with base + adapter

@@ -29,6 +29,7 @@ contrast = True            # also train the over-fitted contrast adapter (identi
 contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
 contrast_steps = None      # its updates (None: the preset's, as notebook 02)
 allow_unverified = False   # chat with a final_model whose merge check (notebook 03) is missing or out of date
+adapter_dir = None         # the XTuner adapter notebook 03 merged, if any: its pth_to_hf folder or iter_N.pth (None: notebook 02's)
 evaluation_tasks = ["course_mc"]  # lm-eval tasks for "what the fine-tune cost" (a subset such as "ceval-valid_computer_network" needs the network once)
 evaluation_limit = None    # questions per task (None: all)
 
@@ -40,12 +41,14 @@ from helpers.base_model import base_model_path
 from helpers.chat import before_after, general_questions, overfitting_check
 from helpers.fingerprint import current_sources
 from helpers.merge import require_verified
+from helpers.xtuner import import_adapter
 from helpers.progress import quiet_libraries
 from helpers.results import load_results, save_results
 
 quiet_libraries()
 pd.set_option("display.max_colwidth", 80)
 work = helpers.work(work_dir)
+import_adapter(work, adapter_dir)  # an XTuner adapter given here is WORK/adapter, as in notebook 03
 data_results = load_results(work, "01_data_generation")
 identity, evaluation_inputs = data_results["answer"], data_results["evaluation_inputs"]
 system = data_results.get("system", "") if system is None else system

@@ -29,7 +29,7 @@ work_dir = None                # the run's work directory (None: ./work)
 llm = None                     # the chat LLM folder (None: the base model notebook 00 prepared)
 vision_encoder = "tiny"        # "tiny" (a small CLIP tower built here) or a local clip-vit-large-patch14-336 folder
 image = None                   # the picture (None: the one the kit draws, data/vlm_picture.png)
-conversations_file = None      # scripted conversations, LLaVA format (None: data/vlm_conversations.json)
+conversations_file = None      # scripted conversations, LLaVA format (None: the preset's; tiny 6 x 3 turns, homework 6 x 10 as the course)
 captions_file = None           # stage-1 caption pairs, LLaVA format (None: data/vlm_captions.json)
 vlm_repeats = None             # each conversation repeated this many times (None: the preset's; tiny 20, homework 200 as the course)
 stages = [1, 2]                # which stages to run; [2] reuses an earlier stage 1 in this work_dir
@@ -39,6 +39,7 @@ stage2_steps = None            # fine-tune updates (None: the preset's; -1: one 
 quantization = "auto"          # stage 2 LLM: "auto" (4-bit when CUDA + bitsandbytes), "nf4" or "none"
 vision_lora = True             # LoRA on the vision encoder too
 system = ""                    # system prompt for the questions ("" : none)
+pretrained_projector = None    # the course's LLaVA pretrain output (XTuner's iter_N.pth or its projector/ folder): skips stage 1
 
 # %%
 import pandas as pd
@@ -49,13 +50,14 @@ from helpers.progress import quiet_libraries
 from helpers.results import save_results
 from helpers.vlm import answer_about_image, load_vlm, prepare_vlm
 from helpers.vlm_data import (CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, draw_control_picture, make_llava_data,
-                              scripted_qa, validate_llava_data)
+                              preset_conversations, scripted_qa, validate_llava_data)
 from helpers import vlm_train as vt
 from helpers.fingerprint import current_sources
 
 quiet_libraries()
 work = helpers.work(work_dir)
 picture = image or PICTURE_FILE
+conversations_file = preset_conversations(preset, conversations_file)
 built = prepare_vlm(work, llm, vision_encoder)
 vlm_repeats = vlm_repeats or vt.DATA_REPEATS[preset]
 pd.Series(built, name="parts").to_frame()
@@ -75,8 +77,8 @@ display(Image(filename=str(picture), width=200), Image(filename=str(control), wi
 # ## The data, in LLaVA format
 # Each record names the picture and holds a conversation; `<image>` stands in the first human turn only.
 # Stage 1 reads caption pairs, stage 2 the scripted conversations, each repeated `vlm_repeats` times: 20 on the
-# tiny preset, 200 on `homework` (the course's size: its 6 conversations have 10 turns each, ours 3; give
-# yours with `conversations_file`).
+# tiny preset, 200 on `homework`, whose 6 conversations have 10 turns each as the course's (the tiny preset's have 3;
+# give yours, e.g. about the course's `oph.jpg`, with `image` and `conversations_file`).
 # Bad records are reported with one sentence (also: `python -m helpers validate-data --llava FILE`).
 
 # %%
@@ -102,10 +104,13 @@ vt.show_llava_loss_mask(processor, files["conversations"])
 # ## Stage 1: pre-align the projector
 # The LLM and the vision encoder stay frozen; the projector learns to turn the picture's features into
 # something the LLM can describe. On a real model this is the course's "pre-trained projector" step. (The
-# tiny LLM has never written these words, so on the tiny preset its output layer learns along.)
+# tiny LLM has never written these words, so on the tiny preset its output layer learns along.) With
+# `pretrained_projector` the course's own stage-1 output is loaded instead, and this stage is skipped as the course does.
 
 # %%
-if 1 in stages:
+if pretrained_projector:
+    stage1 = vt.use_pretrained_projector(work, pretrained_projector, files["image"], ["请描述这张图片。"], system)
+elif 1 in stages:
     config1 = vt.stage_config(1, preset, max_steps=stage1_steps, evaluation_inputs=["请描述这张图片。"], system=system)
     stage1 = vt.train_stage(work, 1, work.vlm_base_model, files["captions"], files["image"], config1)
 vt.evaluation_table(work, 1)

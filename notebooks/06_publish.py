@@ -38,6 +38,7 @@ app_title = "我的小助手"          # the app's title
 app_remote_url = None           # git URL of a Space / OpenXLab app repo to push the app to (None: do not push)
 app_device = "cpu"              # the app's hardware: "cpu" (pins the CPU build of torch: small, quick) or "cuda"
 allow_unverified = False        # publish a final_model whose merge check (notebook 03) is missing or out of date
+adapter_dir = None              # the XTuner adapter notebook 03 merged, if any: its pth_to_hf folder or iter_N.pth (None: notebook 02's)
 
 # %% [markdown]
 # ## Making the repository and the token (once, on the hub's website)
@@ -68,8 +69,10 @@ pd.DataFrame([remote_kind(u) for u in ("https://code.openxlab.org.cn/USER/MODEL.
 import helpers
 from helpers.publish import (build_app_bundle, build_model_repo, default_remote, file_table, hub_token,
                              lfs_files, push_model_repo, repo_files)
+from helpers.xtuner import import_adapter
 
 work = helpers.work(work_dir)
+import_adapter(work, adapter_dir)  # an XTuner adapter given here is WORK/adapter, as in notebook 03
 repo = build_model_repo(work, model_name, license=license, base_model=base_model_id, repo_url=remote_url,
                         allow_unverified=allow_unverified)
 files = repo_files(repo)  # path, size, sha256, in LFS or not

@@ -267,6 +267,93 @@ def test_chat_with_a_missing_image_says_so(tiny_vlm, tmp_path, capsys):
     assert "none.png: no such image file; give the path of a PNG or JPEG picture." in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- the course's LLaVA track
+def test_homework_conversations_are_the_courses_size_and_the_tiny_ones_stay_short(tmp_path):
+    from helpers.vlm_data import HOMEWORK_CONVERSATIONS_FILE, make_llava_data, preset_conversations
+
+    assert preset_conversations("homework") == HOMEWORK_CONVERSATIONS_FILE
+    assert preset_conversations("tiny") == CONVERSATIONS_FILE  # the tiny course asks 6 questions, not 15
+    samples = load_llava_data(HOMEWORK_CONVERSATIONS_FILE)
+    assert len(samples) == 6 and all(len(messages) == 20 for _, messages in samples)  # 6 x 10 turns
+    qa = scripted_qa(HOMEWORK_CONVERSATIONS_FILE)
+    for _, messages in samples:  # one question, one answer, in every conversation it appears in
+        assert all(qa[q["content"].replace("<image>", "").strip()] == a["content"]
+                   for q, a in zip(messages[::2], messages[1::2]))
+    files = make_llava_data(tmp_path / "vlm", conversations_file=HOMEWORK_CONVERSATIONS_FILE, repeats=200)
+    assert validate_llava_data(files["conversations"])["records"] == 1200  # 6 x 10 turns x 200, as the course
+
+
+def test_the_students_own_picture_and_conversations_come_in_by_parameter(tmp_path):
+    from PIL import Image
+
+    from helpers.vlm_data import make_llava_data, preset_conversations
+
+    Image.open(PICTURE_FILE).convert("RGB").save(tmp_path / "oph.jpg", format="JPEG")  # the course's is a JPEG
+    own = _write(tmp_path, [_record(image="oph.jpg")], image=False)
+    assert preset_conversations("homework", own) == own
+    files = make_llava_data(tmp_path / "vlm", image=tmp_path / "oph.jpg", conversations_file=own, repeats=200)
+    assert files["image"].name == "image.jpg" and len(load_llava_data(files["conversations"])) == 200
+
+
+def _xtuner_projector(model, scale: float = 0.5) -> dict:
+    """Random weights of XTuner's ProjectorModel (depth 2) sized for `model`, under its own keys."""
+    import torch
+
+    layer = model.model.multi_modal_projector
+    g = torch.Generator().manual_seed(3)
+    return {f"model.{i}.{kind}": torch.randn(getattr(layer, name).weight.shape if kind == "weight" else
+                                             getattr(layer, name).bias.shape, generator=g) * scale
+            for i, name in ((0, "linear_1"), (2, "linear_2")) for kind in ("weight", "bias")}
+
+
+def test_the_courses_pretrained_projector_replaces_stage_1_and_stage_2_trains_from_it(tiny_vlm, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from test_xtuner import write_iter_pth
+
+    from helpers import vlm_train as vt
+    from helpers.fingerprint import model_identity
+    from helpers.paths import work
+    from helpers.vlm import VlmError, load_vlm
+    from helpers.vlm_data import make_llava_data
+
+    w = work(tmp_path / "work")
+    shutil.copytree(tiny_vlm, w.vlm_base_model)
+    base, _ = load_vlm(tiny_vlm)
+    projector = _xtuner_projector(base)
+    # the LLaVA pretrain's iter_N.pth (LLM and vision frozen: its state_dict is the projector), and pth_to_hf's projector/
+    checkpoint = write_iter_pth(tmp_path / "pretrain" / "iter_2181.pth", {f"projector.{k}": v for k, v in projector.items()})
+    folder = tmp_path / "hf" / "projector"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["ProjectorModel"], "auto_map": {"AutoConfig": "configuration_projector.ProjectorConfig",
+                                                          "AutoModel": "modeling_projector.ProjectorModel"},
+        "bias": True, "depth": 2, "hidden_act": "gelu", "llm_hidden_size": projector["model.2.weight"].shape[0],
+        "model_type": "projector", "torch_dtype": "float16", "visual_hidden_size": projector["model.0.weight"].shape[1]}))
+    save_file({k: v.half() for k, v in projector.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    files = make_llava_data(w.vlm_data, repeats=2)
+    for source, exact in ((folder.parent, False), (checkpoint, True)):
+        record = vt.use_pretrained_projector(w, source, files["image"], ["请描述这张图片。"])
+        aligned, _ = load_vlm(w.vlm_aligned_model)
+        loaded = aligned.model.multi_modal_projector
+        for i, name in ((0, "linear_1"), (2, "linear_2")):
+            want = projector[f"model.{i}.weight"] if exact else projector[f"model.{i}.weight"].half().float()
+            assert torch.equal(getattr(loaded, name).weight, want)
+        assert record["pretrained_projector"] == str(source) and list(vt.evaluation_table(w, 1).columns) == ["step 0"]
+    assert json.loads((w.vlm_aligned_model / "training_record.json").read_text())["steps"] == 0
+    config = vt.stage_config(2, "tiny", max_steps=2, evaluation_freq=2, evaluation_inputs=["房子是什么颜色的？"])
+    stage2 = vt.train_stage(w, 2, w.vlm_aligned_model, files["conversations"], files["image"], config)
+    assert stage2["steps"] == 2 and stage2["model_identity"] == model_identity(w.vlm_aligned_model)
+    assert (w.vlm_adapter / "adapter_config.json").exists()
+    small = write_iter_pth(tmp_path / "other" / "iter_1.pth", {"projector.model.0.weight": torch.ones(8, 4),
+                                                               "projector.model.0.bias": torch.ones(8),
+                                                               "projector.model.2.weight": torch.ones(8, 8),
+                                                               "projector.model.2.bias": torch.ones(8)})
+    with pytest.raises(VlmError, match="maps 4 vision features to 8, but this LLaVA's vision encoder gives"):
+        vt.use_pretrained_projector(w, small)
+
+
 # ---------------------------------------------------------------- notebook 05's artifacts
 @pytest.fixture(scope="module")
 def vlm_results(course_work):
