@@ -258,9 +258,8 @@ def homework_worker(recipe, model_dir, tiny, emit, out_dir):
     wall = time.perf_counter() - t0
     norms = [m["grad_norm"] for m in metrics if m.get("grad_norm") is not None]
     speeds = [m["tokens_per_s"] for m in metrics[2:]] or [m["tokens_per_s"] for m in metrics]
-    plan = result.get("fast_path") or {}
     emit({"kind": "homework", "quantization": quantization, "cap_gib": float(cap) if cap else None,
-          "picked": plan.get("reason") or result.get("quantization"), "updates": result["steps"],
+          "picked": _plan_line(result), "updates": result["steps"],
           "tok_s": statistics.median(speeds) if speeds else 0.0, "peak_gib": result["peak_memory_mb"] / 1024,
           "loss_first": result["first_loss"], "loss_last": result["final_loss"],
           "grad_norm_finite": all(math.isfinite(n) for n in norms), "grad_norm_max": max(norms) if norms else None,
@@ -269,9 +268,16 @@ def homework_worker(recipe, model_dir, tiny, emit, out_dir):
     _free(result)
 
 
+def _plan_line(result: dict) -> str:
+    """The run's plan in one line (what the kit picked for this card), from its training record."""
+    plan = result.get("plan") or {}
+    return ", ".join(f"{k} {plan.get(k)}" for k in ("weights", "layers", "rows_per_forward", "accumulation",
+                                                     "recomputation")) or str(result.get("quantization"))
+
+
 def kit_worker(recipe, model_dir, tiny, emit, out_dir, homework):
     """The kit's rows: each packed shape is notebook 02's train() for a few updates at that many tokens per update."""
-    from helpers import fast_path as fp
+    from helpers.train import plan as fp
 
     quantization = "nf4" if recipe == "kit-4bit" else "auto"
     cfg = TINY if tiny else REAL
@@ -293,7 +299,7 @@ def kit_worker(recipe, model_dir, tiny, emit, out_dir, homework):
             tokens = rows * length
             emit({"kind": "shape", "shape": label, "tokens": tokens, "step_s": tokens / tok_s, "tok_s": tok_s,
                   "peak_gib": result["peak_memory_mb"] / 1024, "mfu": flops * tok_s / (PEAK_TFLOPS * 1e12),
-                  "loss": result["final_loss"], "plan": (result.get("fast_path") or {}).get("reason")})
+                  "loss": result["final_loss"], "plan": _plan_line(result)})
             if profile is not None and profile.table:
                 emit({"kind": "profile", "table": profile.table, "gpu_busy": profile.busy})
             _free(result)
@@ -326,7 +332,7 @@ def worker(recipe, model_dir, tiny, out_path, homework):
     samples = course_samples(4000, cfg["vocab_size"], seed=1)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
-    from helpers import fast_path as fp
+    from helpers.train import plan as fp
 
     def make_step(shape):
         rows = rows_for(shape, samples)

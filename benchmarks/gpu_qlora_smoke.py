@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": _version("bitsandbytes"), "size": args.size, "quantization": result["quantization"],
-        "fast_path": (result.get("fast_path") or {}).get("reason"),
+        "plan": (result.get("plan") or {}).get("layers"),
         "steps": result["steps"], "first_loss": result["first_loss"], "last_loss": result["final_loss"],
         "peak_memory_mb": result["peak_memory_mb"], "tokens_per_s_median": statistics.median(speeds),
         "train_seconds": result["train_seconds"], "total_seconds": round(time.perf_counter() - t0, 1),

@@ -82,7 +82,7 @@ def run_setup(label, gpus, strategy, model_dir, data, root, steps, tiny) -> dict
             "train_seconds": record["train_seconds"], "wall_seconds": record.get("wall_seconds"),
             "gpu_busy": [busy[str(i)] for i in range(gpus) if str(i) in busy],
             "adapter": str(w.adapter), "answers": rounds[-1]["answers"] if rounds else [],
-            "fast_path": (record.get("fast_path") or {}).get("reason")}
+            "plan": (record.get("plan") or {}).get("layers")}
 
 
 def adapter_gap(adapter: str, reference: str) -> float:

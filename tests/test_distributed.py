@@ -117,27 +117,46 @@ def _has(module):
     return importlib.util.find_spec(module) is not None
 
 
+def _tiny_packed_model():
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.train.packed import PackedCausalLM, use_kit_attention
+    from helpers.train.plan import TrainingPlan
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                         tie_word_embeddings=False))
+    use_kit_attention(model)
+    return PackedCausalLM(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                            init_lora_weights=False), TrainingPlan())
+
+
+def _packed_batch(offset: int):
+    from helpers.train.data import Collator
+
+    ids = [(i * 7 + offset) % 90 + 3 for i in range(24)]
+    return Collator(0)([{"input_ids": ids, "labels": ids, "position_ids": [i % 12 for i in range(24)]}])
+
+
 def _ranks_average_through_the_wrapper(out_dir: str) -> None:
-    """One rank: a DDP-wrapped layer, a loss computed on the inner module the way the GPU fast path does."""
+    """One rank: the packed model in DDP, its loss its own forward, so DDP's gradient averaging is armed."""
     from accelerate import PartialState
 
-    from helpers.distributed import through_wrapper
-
     state = PartialState(cpu=True)
-    torch.manual_seed(0)
-    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1, bias=False))
-    x = torch.full((2, 4), float(state.process_index + 1))  # each rank its own rows
-    plain = ddp.module.forward
-    ddp.module.forward = own = lambda *a, **k: plain(*a, **k)  # stands for accelerate's autocast wrapper
-    through_wrapper(ddp, lambda inner: inner(x).sum()).backward()
-    torch.save(ddp.module.weight.grad, f"{out_dir}/grad{state.process_index}.pt")
-    torch.save(ddp.module.__dict__.get("forward") is own, f"{out_dir}/kept{state.process_index}.pt")
-    ddp.module.weight.grad = None
-    ddp.module(x).sum().backward()  # the inner module called directly: no averaging
-    torch.save(ddp.module.weight.grad, f"{out_dir}/alone{state.process_index}.pt")
+    model = _tiny_packed_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batch = _packed_batch(state.process_index)  # each rank its own rows
+    ddp(**batch).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    torch.save(grads, f"{out_dir}/grad{state.process_index}.pt")
+    model.zero_grad()
+    model(**batch).loss.backward()  # the model called without its wrapper: no averaging
+    torch.save([p.grad.clone() for p in model.parameters() if p.requires_grad], f"{out_dir}/alone{state.process_index}.pt")
 
 
-def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
+def test_the_packed_loss_goes_through_the_wrapper(tmp_path):
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 
@@ -145,10 +164,11 @@ def test_the_fast_path_loss_goes_through_the_wrapper(tmp_path):
     debug_launcher(_ranks_average_through_the_wrapper, (str(tmp_path),), num_processes=2)
     grads = [torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1)]
     alone = [torch.load(tmp_path / f"alone{r}.pt") for r in (0, 1)]
-    torch.testing.assert_close(grads[0], grads[1])  # averaged over the ranks: 2 rows of 1s and 2 rows of 2s
-    torch.testing.assert_close(grads[0], torch.full((1, 4), 3.0))
-    assert not torch.equal(alone[0], alone[1])  # the check can fail: without the wrapper each rank keeps its own
-    assert all(torch.load(tmp_path / f"kept{r}.pt") for r in (0, 1))  # the model's own forward wrapper is back
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)  # averaged over the ranks
+    for g, a0, a1 in zip(grads[0], *alone):
+        torch.testing.assert_close(g, (a0 + a1) / 2)
+    assert not all(torch.equal(a, b) for a, b in zip(*alone))  # the check can fail: each rank's own differ
 
 
 SHARDED_RANK = """
@@ -159,39 +179,45 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers.distributed import through_wrapper
-from helpers.fast_path import batch_from_positions, packed_loss
+from tests.test_distributed import _packed_batch, _tiny_packed_model
+from helpers.train.trainer import CourseTrainer
 
 dist.init_process_group("gloo")
-torch.manual_seed(0)
-config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
-model = LlamaForCausalLM(config)
-model.lm_head.requires_grad_(False)  # frozen, as under LoRA: the fused loss reads its weight
-ids = torch.arange(1, 25).remainder(90)[None] + 3
-batch = batch_from_positions({"input_ids": ids, "position_ids": torch.arange(24).remainder(12)[None],
-                              "labels": ids.clone()})
-alone = float(packed_loss(model, batch).detach())
+model = _tiny_packed_model()
+batch = _packed_batch(0)
+alone = float(model(**batch).loss)
 mixed = copy.deepcopy(model)
-alone16 = float(packed_loss(copy.deepcopy(model).to(torch.bfloat16), batch).detach())
-for unit in [*model.model.layers, model.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
+alone16 = float(copy.deepcopy(model).to(torch.bfloat16)(**batch).loss)
+lm = model.get_base_model()
+for unit in [*lm.model.layers, lm.lm_head]:  # the output layer its own unit, as accelerate's FSDP2 may
     fully_shard(unit)  # make it: its weight is gathered only when the layer itself is called
 fully_shard(model)
-assert hasattr(model.lm_head.weight, "full_tensor")  # at rest the output layer's weight is this rank's shard
-sharded = through_wrapper(model, lambda inner: packed_loss(inner, batch))
+assert hasattr(lm.lm_head.weight, "full_tensor")  # at rest the output layer's weight is this rank's shard
+sharded = model(**batch).loss
 sharded.backward()
 
 # accelerate's FSDP2 with bf16 (Trainer bf16=True): its policy and units (the tail is the final norm with the head)
 bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.bfloat16)
-for unit in [*mixed.model.layers, mixed.model.embed_tokens]:
+lm16 = mixed.get_base_model()
+for unit in [*lm16.model.layers, lm16.model.embed_tokens]:
     fully_shard(unit, mp_policy=bf16)
-fully_shard([mixed.model.norm, mixed.lm_head], mp_policy=bf16, reshard_after_forward=False)
+fully_shard([lm16.model.norm, lm16.lm_head], mp_policy=bf16, reshard_after_forward=False)
 fully_shard(mixed, mp_policy=bf16)
-loss16 = through_wrapper(mixed, lambda inner: packed_loss(inner, batch))
+
+
+class _Args:
+    average_tokens_across_devices = False
+
+
+class _Trainer:  # the Trainer's compute_loss, on its own
+    args, tokens_seen, update_loss = _Args(), 0, 0.0
+    accelerator = type("A", (), {"num_processes": 1})()
+
+
+loss16 = CourseTrainer.compute_loss(_Trainer(), mixed, batch)
 loss16.backward()
-grad = mixed.model.layers[0].self_attn.q_proj.weight.grad
+grad = lm16.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad
 torch.save({"losses": torch.tensor([alone, float(sharded.detach()), alone16, float(loss16.detach())],
                                    dtype=torch.float64),
             "dtype16": str(loss16.dtype), "grad16": bool(grad is not None and grad.full_tensor().abs().sum() > 0)},

@@ -157,7 +157,7 @@ def test_a_resume_skips_a_torn_last_line_of_the_metrics_and_says_so(tiny_model_d
 
 
 def test_a_line_the_disk_cannot_take_whole_is_not_left_half_written(tmp_path, monkeypatch):
-    import helpers.train as train_module
+    import helpers.train.results as train_module
 
     log = tmp_path / "metrics.jsonl"
     train_module.append_line(log, json.dumps({"step": 1, "loss": 1.0}))

@@ -112,13 +112,13 @@ def test_the_preflight_table_shows_every_word():
     assert "..." not in html and "pre-wrap" in html
 
 
-def test_the_fast_paths_are_rows_of_the_environment_table_not_a_dict():
+def test_the_training_plan_is_rows_of_the_environment_table_not_a_dict():
     from helpers.environment import environment_table
 
-    facts = {"python": "3.11.7", "fast_paths": {"attention": "SDPA with a block-diagonal mask", "unsloth": False},
+    facts = {"python": "3.11.7", "training_plan": {"attention": "block mask: no CUDA GPU", "layers": "eager"},
              "preflight": [{"check": "git"}], "recommendation": "CPU only: run the course on the embedded tiny model "
                                                                 "(minutes); a real 1.8B model needs a GPU."}
     table = environment_table(facts)
-    assert list(table.data.index) == ["python", "fast_paths: attention", "fast_paths: unsloth", "recommendation"]
+    assert list(table.data.index) == ["python", "training_plan: attention", "training_plan: layers", "recommendation"]
     html = table._repr_html_()
     assert "{" not in html.split("</style>")[-1] and facts["recommendation"] in html

@@ -295,9 +295,10 @@ def test_the_train_command_reads_numbers_as_people_write_them(tmp_path, monkeypa
     import argparse
 
     import helpers.train as kit
+    import helpers.train.run as run_module
 
     seen = {}
-    monkeypatch.setattr(kit, "train", lambda config, work: seen.setdefault("config", config) and {
+    monkeypatch.setattr(run_module, "train", lambda config, work: seen.setdefault("config", config) and {
         "steps": 0, "train_seconds": 0.0, "first_loss": None, "final_loss": None, "adapter": ""})
     parser = argparse.ArgumentParser()
     kit.add_command(parser.add_subparsers())
@@ -313,7 +314,8 @@ def test_the_live_loss_plot_redraws_take_a_small_share_of_the_time(tmp_path, mon
     every 0.37 s and a row per update, redrawing every 2 s took 8% of the time; now at most DRAW_SHARE."""
     import types
 
-    import helpers.train as kit
+    import helpers.train.callbacks as kit
+    from helpers.train import callbacks
 
     clock = [0.0]
     monkeypatch.setattr(kit, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: clock[0]))
@@ -328,7 +330,8 @@ def test_the_live_loss_plot_redraws_take_a_small_share_of_the_time(tmp_path, mon
 
     monkeypatch.setattr(kit, "loss_plot_png", slow_plot)
     trainer = types.SimpleNamespace(tokens_seen=0)
-    _, MetricsCallback, _ = kit._callbacks()
+    from helpers.train.callbacks import MetricsCallback
+
     cb = MetricsCallback(lambda: trainer, tmp_path / "metrics.jsonl", tmp_path / "loss.png", "loss")
     cb.on_train_begin(None, None, None)
     for step in range(1, 301):
@@ -336,5 +339,5 @@ def test_the_live_loss_plot_redraws_take_a_small_share_of_the_time(tmp_path, mon
         trainer.tokens_seen += 16384
         cb.on_log(None, types.SimpleNamespace(global_step=step), None, logs={"loss": 1.0, "learning_rate": 1e-4})
     assert len(drawn) >= 10  # the plot still follows the run
-    assert 0.2 * len(drawn) / clock[0] <= kit.DRAW_SHARE + 0.005
+    assert 0.2 * len(drawn) / clock[0] <= callbacks.DRAW_SHARE + 0.005
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 300  # every row is kept

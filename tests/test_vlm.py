@@ -178,53 +178,42 @@ def _real_llava_config():
     return LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
 
 
-@pytest.mark.parametrize("memory_gib, loaded_gib, longest, rows", [
-    (139.8, 4.2, 190, (16, 1)),   # an H200, the course's picture (16 image tokens) and 3 short turns: one forward
-    (24.0, 4.2, 190, (16, 1)),    # a 24 GB card: still one forward
-    (24.0, 4.2, 760, (8, 2)),     # a CLIP-336 picture (577 positions) and its text: two forwards of 8
-    (8.0, 3.7, 1600, (1, 16)),    # an 8 GB card in 4-bit, 1,600-token records: one row at a time, as before
-    (4.0, 3.7, 1600, (1, 16)),    # nothing fits: one row (the configured batch), never zero
+@pytest.mark.parametrize("memory_gib, longest, rows", [
+    (139.8, 190, (16, 1)),   # an H200, the course's picture (16 image tokens) and 3 short turns: one forward
+    (24.0, 190, (16, 1)),    # a 24 GB card: still one forward
+    (24.0, 760, (8, 2)),     # a CLIP-336 picture (577 positions) and its text: two forwards of 8
+    (8.0, 1600, (1, 16)),    # an 8 GB card in 4-bit, 1,600-token records: one row at a time
+    (4.0, 1600, (1, 16)),    # nothing fits: one row (the configured batch), never zero
 ])
-def test_stage_rows_per_forward_fit_the_card(memory_gib, loaded_gib, longest, rows):
-    from helpers.fast_path import GIB
-    from helpers.vlm_train import activation_bytes, rows_per_forward
+def test_stage_rows_per_forward_fit_the_card(memory_gib, longest, rows):
+    from helpers.train.plan import GIB, Hardware, make_plan, vlm_row_bytes
+    from helpers.vlm_train import stage_config
 
-    config, trainable = _real_llava_config(), 104_000_000
-    got = rows_per_forward(config, longest, memory_gib, loaded_gib, trainable, 1, 16, checkpointing=True)
+    config = stage_config(2, "homework", gradient_checkpointing=True)
+    plan = make_plan(config, _real_llava_config(), Hardware(cuda=True, memory_gib=memory_gib, bf16=True,
+                                                           bitsandbytes=True), stage=2, longest=longest)
+    got = (plan.rows_per_forward, plan.accumulation)
     assert got == rows and got[0] * got[1] == 16
     if rows[0] > 1:  # what it picked fits within ~85% of the card
-        peak = loaded_gib * GIB + 16 * trainable + activation_bytes(config, longest * rows[0], rows[0], True)
-        assert peak <= 0.85 * memory_gib * GIB
+        assert plan.estimate_gib * GIB <= 0.85 * memory_gib * GIB
+    assert plan.loss == "model" and plan.recomputation
 
 
 def test_stage_memory_estimate_leans_above_the_measured_peak():
     """benchmarks/gpu_vlm_real_dims.py on an H200: one row of 1,600 tokens (576 a CLIP-336 picture), NF4 LLM,
     recomputation, 103.8 M trainable weights: 2.88 GiB above the loaded model. The estimate may be above, not below."""
-    from helpers.fast_path import GIB
-    from helpers.vlm_train import activation_bytes
+    from helpers.train.plan import GIB, vlm_row_bytes
 
-    estimate = (activation_bytes(_real_llava_config(), 1600, 1, True) + 16 * 103.8e6) / GIB
+    estimate = (vlm_row_bytes(_real_llava_config(), 1600, True) + 16 * 103.8e6) / GIB
     assert 2.88 <= estimate <= 1.6 * 2.88
 
 
-def test_a_gpu_stage_sets_its_rows_from_the_loaded_model(tiny_vlm, monkeypatch):
-    """The stage's own model (a PeftModel in stage 2) goes through the sizing as on a GPU (simulated: 8 GiB)."""
-    import torch
+class _Trainer:
+    """What CourseTrainer.compute_loss reads of its Trainer, for calling it on its own."""
 
-    import helpers.fast_path as fast_path
-    from helpers.vlm import load_vlm
-    from helpers.vlm_data import make_llava_data
-    from helpers.vlm_train import encode_llava_samples, load_stage_model, size_stage_batches, stage_config
-
-    config = stage_config(2, "tiny", batch_size=1, gradient_accumulation=8, gradient_checkpointing=True)
-    model, processor, _, _ = load_stage_model(tiny_vlm, 2, config)
-    rows = encode_llava_samples(processor, make_llava_data(Path(tiny_vlm).parent / "gpu", repeats=1)["conversations"], 512)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2**30)
-    monkeypatch.setattr(fast_path, "gpu_memory_gib", lambda *a: 8.0)
-    note = size_stage_batches(model, rows, config)
-    assert (config.batch_size, config.gradient_accumulation) == (8, 1)  # a tiny model: the whole update at once
-    assert note.startswith("8 rows of at most ") and "(the same 8 rows per update), sized to 8 GiB" in note
+    args = type("Args", (), {"average_tokens_across_devices": False})()
+    accelerator = type("Accelerator", (), {"num_processes": 1})()
+    tokens_seen, update_loss = 0, 0.0
 
 
 def test_rows_per_forward_do_not_change_the_update(tiny_vlm):
@@ -233,7 +222,7 @@ def test_rows_per_forward_do_not_change_the_update(tiny_vlm):
     import torch
 
     from helpers.data import IGNORE_INDEX
-    from helpers.train import compute_loss
+    from helpers.train.trainer import CourseTrainer
     from helpers.vlm import load_vlm
     from helpers.vlm_data import make_llava_data
     from helpers.vlm_train import LlavaCollator, encode_llava_samples
@@ -249,7 +238,7 @@ def test_rows_per_forward_do_not_change_the_update(tiny_vlm):
         model.zero_grad()
         total = 0.0
         for batch in batches:
-            loss, _ = compute_loss(model, collate(batch), items)
+            loss = CourseTrainer.compute_loss(_Trainer(), model, collate(batch), num_items_in_batch=items)
             loss.backward()
             total += float(loss.detach())
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]

@@ -11,6 +11,7 @@ every pass. Called without `targets` (generation, a plain forward), it is the PE
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 from peft import PeftModelForCausalLM
@@ -216,6 +217,28 @@ def packed_loss(lm, batch: dict, loss: str = "chunked", chunk: int = 4096, norma
 
 
 # ---------------------------------------------------------------- the model
+class ExactLoss:
+    """The loss's float32 value in a box that wrappers do not recast (FSDP2's bf16 policy casts the tensors a root
+    module returns to bf16, three digits); the Trainer's compute_loss puts it back under the loss's gradient."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@functools.cache
+def _packed_output():
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class PackedLMOutput(ModelOutput):
+        loss: object = None
+        exact: object = None
+
+    return PackedLMOutput
+
+
 class PackedCausalLM(PeftModelForCausalLM):
     """A LoRA causal LM whose forward(targets=..., cu_seq_lens_q=..., ...) returns the packed training loss.
 
@@ -230,7 +253,6 @@ class PackedCausalLM(PeftModelForCausalLM):
         if targets is None:
             return super().forward(*args, labels=labels, **kwargs)
         import torch
-        from transformers.modeling_outputs import CausalLMOutputWithPast
 
         batch = dict(kwargs, targets=targets, keep=keep)
         n = num_items_in_batch  # the Trainer's count of trained tokens, a tensor on the GPU: no float() (a sync)
@@ -240,7 +262,7 @@ class PackedCausalLM(PeftModelForCausalLM):
             else contextlib.nullcontext()
         with autocast:
             loss = packed_loss(self.get_base_model(), batch, self.plan.loss, self.plan.loss_chunk, normalizer=n)
-        return CausalLMOutputWithPast(loss=loss)
+        return _packed_output()(loss=loss, exact=ExactLoss(loss.detach().float()))
 
 
 @contextlib.contextmanager

@@ -77,7 +77,11 @@ class CourseTrainer(_trainer_base()):
         self.tokens_seen += int(inputs["labels"].numel()) * self.accelerator.num_processes
         extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
         outputs = model(**inputs, **extra)
-        loss = outputs.loss * token_average_scale(self, num_items_in_batch)  # as the Trainer's own does
+        loss = outputs.loss
+        exact = outputs.get("exact") if hasattr(outputs, "get") else None
+        if exact is not None and loss.dtype != exact.value.dtype:  # a wrapper recast it: its value, our gradient
+            loss = exact.value + (loss - loss.detach())
+        loss = loss * token_average_scale(self, num_items_in_batch)  # as the Trainer's own does
         self.update_loss = self.update_loss + loss.detach().float()
         return (loss, outputs) if return_outputs else loss
 
