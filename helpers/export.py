@@ -32,12 +32,12 @@ def _permute(weight, n_head: int):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _vocab(tokenizer):
-    """(tokens, token types) in id order: byte-level BPE pieces, the added special tokens marked as control."""
+def _vocab(tokenizer, byte_fallback: bool):
+    """(tokens, token types) in id order, as llama.cpp's convert marks them: the special tokens as control, and
+    for a sentencepiece-style vocabulary <unk> as unknown and the <0xNN> byte pieces as bytes."""
     import gguf
 
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     tokens, types = [], []
     for i in range(len(tokenizer)):
@@ -45,9 +45,42 @@ def _vocab(tokenizer):
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             continue
-        tokens.append(by_id[i])
-        types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+        token = by_id[i]
+        tokens.append(token)
+        if byte_fallback and token == tokenizer.unk_token:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def _write_tokenizer(writer, tokenizer, model_dir: Path) -> None:
+    """The vocabulary as llama.cpp reads it: byte-level BPE (the tiny model, Qwen) as "gpt2"; a sentencepiece-style
+    BPE with byte fallback (InternLM2, Llama 2) as "llama", each piece scored by its merge's rank (llama.cpp merges
+    the best-scored pair first, as BPE merges the lowest rank), no space put in front when the tokenizer puts none."""
+    import gguf
+
+    bpe = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    byte_fallback = bool(bpe.get("byte_fallback"))
+    tokens, types = _vocab(tokenizer, byte_fallback)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if byte_fallback:
+        merged = {}
+        for rank, merge in enumerate(bpe.get("merges") or []):
+            merged.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), rank)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([-float(merged.get(t, 0)) for t in tokens])
+        normalizer = json.dumps(json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["normalizer"])
+        writer.add_add_space_prefix("Prepend" in normalizer)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 def _tensor_type(name: str, data, quant: str):
@@ -101,12 +134,10 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
 
-    tokens, types = _vocab(tokenizer)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if not (model_dir / "tokenizer.json").exists():
+        raise ExportError(f"{model_dir}: no tokenizer.json (a fast tokenizer) to write into the GGUF file; save the "
+                          "model's tokenizer with AutoTokenizer.save_pretrained, or export with llama.cpp's script.")
+    _write_tokenizer(writer, tokenizer, model_dir)
     writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)))  # llama.cpp stops there
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)

@@ -92,3 +92,29 @@ def test_export_without_a_format_or_with_a_bad_folder_is_one_sentence(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
     assert not Path(tmp_path / "export").exists()
+
+
+def test_an_internlm2_model_keeps_its_sentencepiece_vocabulary(internlm2_converted, tmp_path):
+    """The course's real model (after the kit's conversion): a byte-fallback vocabulary goes as llama.cpp's "llama"
+    tokenizer, and transformers reads the same ids and logits back."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.export import write_gguf
+
+    write_gguf(internlm2_converted, tmp_path / "internlm2.gguf", "f16")
+    fields = gguf.GGUFReader(tmp_path / "internlm2.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == 92542  # <|im_end|>
+    tokenizer = AutoTokenizer.from_pretrained(internlm2_converted)
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="internlm2.gguf")
+    text = "你好，我是小明的小助手  Hello world! <|im_end|>"
+    assert from_gguf(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    chat = _chat_ids(tokenizer, [{"role": "user", "content": "你是谁"}])
+    assert _chat_ids(from_gguf, [{"role": "user", "content": "你是谁"}]).tolist() == chat.tolist()
+    reference = AutoModelForCausalLM.from_pretrained(internlm2_converted, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="internlm2.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        want, got = reference(chat).logits, loaded(chat).logits
+    assert (want - got).abs().max() <= BOUND["f16"] * want.abs().max()
