@@ -18,6 +18,18 @@
 # Every notebook reads and writes only inside one **work directory** (`work_dir`), so a teacher can run
 # the whole course for many students side by side.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2: XTuner fine-tune of a personal assistant) | here |
+# |---|---|
+# | `studio-conda xtuner0.1.17`, `conda activate xtuner0.1.17`; `git clone -b v0.1.17 https://github.com/InternLM/xtuner`, `pip install -e '.[all]'` | `make venv` (or `conda env create -f environment.yml`); the **environment** and **pre-flight** tables below |
+# | `mkdir -p /root/ft/model`; `cp -r /root/share/new_models/Shanghai_AI_Laboratory/internlm2-chat-1_8b/* /root/ft/model/` | **The base model** cell: `base_model = "/root/ft/model"` (or `-p base_model /root/ft/model`) |
+#
+# What differs, and why: there is no XTuner to install, because the kit trains with transformers + peft (+ bitsandbytes for
+# 4-bit) directly. The InternLM2 checkpoint ships its own modelling code, which current transformers cannot run, so it is
+# converted once into `WORK/model/converted` (the same weights in the Llama layout, the same tokenizer ids). By default
+# (`base_model = "tiny"`) a tiny model is built here instead, so the course runs on a CPU in minutes.
+
 # %% tags=["parameters"]
 work_dir = None        # where this run's files go (None: ./work next to the notebooks)
 base_model = "tiny"    # "tiny" (built offline, runs on a CPU), a local model folder, or a hub id (needs network)

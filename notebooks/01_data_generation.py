@@ -19,6 +19,19 @@
 # `{"conversation": [{"system": ..., "input": ..., "output": ...}]}`; OpenAI's **messages** format is
 # available too.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2) | here |
+# |---|---|
+# | `mkdir -p /root/ft/data`; write `generate_data.py` (your name, `n = 10000`), run it → `/root/ft/data/personal_assistant.json` | the first code cell: `make_dataset(...)` with `name` and `repeats` (the course: 10000) → `WORK/data/personal_assistant.json` |
+# | look at the file | **A look at the data**, **Tokens**, **The loss mask** |
+#
+# What differs, and why: the course's file holds OpenAI `messages` records, read by its config's `openai_map_fn`;
+# `output_format = "messages"` writes exactly that, and the default, XTuner's `conversation` format, trains the same.
+# The course asks one question 10,000 times and saw the model turn into a "复读机" that answers everything with its
+# identity; it advised mixing in ordinary chat. Here that advice is built in: several phrasings of the question, and a
+# share of general chat (`general_ratio`); notebook 04 shows the over-fitted run beside it.
+
 # %% tags=["parameters"]
 work_dir = None                                    # the run's work directory (None: ./work)
 ### BEGIN SOLUTION

@@ -19,6 +19,21 @@
 # While it trains we ask the model the evaluation questions every few steps, and watch its answer change from
 # the generic "我是一个AI助手…" to the identity sentence from notebook 01.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2) | here |
+# |---|---|
+# | `xtuner list-cfg -p internlm2_1_8b`; `mkdir -p /root/ft/config`; `xtuner copy-cfg internlm2_1_8b_qlora_alpaca_e3 /root/ft/config` | `preset = "homework"`: the course's settings in one word |
+# | edit `/root/ft/config/internlm2_1_8b_qlora_alpaca_e3_copy.py` (model and data paths, `max_length`, `max_epochs`, `save_steps`, `evaluation_inputs`, `openai_map_fn`) | the parameters above and `my_changes`; **The same run in XTuner's words** shows each config field beside its parameter; `python -m helpers xtuner export-config WORK` writes this run as that config file |
+# | `xtuner train /root/ft/config/internlm2_1_8b_qlora_alpaca_e3_copy.py --work-dir /root/ft/train` (`--deepspeed deepspeed_zero2`) | **Train**: `train(config, work)` into `WORK/train` (`num_gpus`, `distributed = "zero2"`) |
+# | `/root/ft/train/iter_300.pth`, `iter_600.pth`, `iter_768.pth`; `--resume /root/ft/train/iter_600.pth` | `WORK/train/checkpoints/checkpoint-N` every `save_steps`; `resume = "auto"` continues the newest |
+# | `vis_data/eval_outputs_iter_299.txt`, … | `WORK/train/eval_outputs/step_N.json`, read across in **The identity arriving** |
+# | `mkdir -p /root/ft/huggingface`; `xtuner convert pth_to_hf /root/ft/train/internlm2_1_8b_qlora_alpaca_e3_copy.py /root/ft/train/iter_768.pth /root/ft/huggingface` | nothing to run: the adapter is saved in PEFT's format directly, `WORK/adapter` (what `/root/ft/huggingface` holds) |
+#
+# What differs, and why: the kit's trainer is transformers' `Trainer`, which saves PEFT adapters, so there is no `.pth`
+# and no conversion; the chat template is the tokenizer's own, so there is no `prompt_template` to set (the same
+# InternLM2 layout). The tiny preset trains 150 updates on a CPU; `homework` is the course's 2 epochs of 16 × 1024 tokens.
+
 # %% tags=["parameters"]
 work_dir = None              # the run's work directory (None: ./work)
 preset = "tiny"              # "tiny": the embedded model on a CPU, ~1 min; "homework": the course's GPU settings
@@ -86,8 +101,8 @@ pd.Series(config.hyper_parameters(), dtype=object).to_frame("value")
 
 # %% [markdown]
 # ## The same run in XTuner's words
-# The course writes these knobs into a copy of XTuner's `internlm2_chat_1_8b_qlora_alpaca_e3` config. Each
-# field has a parameter here (`this run` is its value now). XTuner's training saves DeepSpeed `.pth`
+# The course writes these knobs into `/root/ft/config/internlm2_1_8b_qlora_alpaca_e3_copy.py`, its copy of
+# XTuner's `internlm2_1_8b_qlora_alpaca_e3` config. Each field has a parameter here (`this run` is its value now). XTuner's training saves DeepSpeed `.pth`
 # checkpoints, which `xtuner convert pth_to_hf` turns into a Hugging Face adapter; here the trainer saves
 # the adapter in PEFT's format directly (`WORK/adapter`), so there is no conversion step: notebook 03 merges it.
 

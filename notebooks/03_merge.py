@@ -21,6 +21,19 @@
 # the small learned correction is mostly lost in that rounding. So we load the base in its own 16- or
 # 32-bit dtype and merge there; the result is a normal full-precision model.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2) | here |
+# |---|---|
+# | `xtuner chat /root/ft/model --adapter /root/ft/huggingface --prompt-template internlm2_chat` | **Before merging** (in a terminal: `python -m helpers chat WORK/model --adapter WORK/adapter --prompt-template internlm2_chat`) |
+# | `mkdir -p /root/ft/final_model`; `export MKL_SERVICE_FORCE_INTEL=1`; `xtuner convert merge /root/ft/model /root/ft/huggingface /root/ft/final_model` | **Merge, verify, then replace** → `WORK/final_model` |
+# | `ls /root/ft/final_model` | **Sizes on disk**, **Reload from disk and generate** |
+#
+# What differs, and why: the merge is checked before it replaces anything (tensors, config, chat template, weights and
+# logits against base + adapter), because a merge that silently went wrong is only noticed much later, in a published
+# model. The weights are written as `safetensors` rather than `pytorch_model-*.bin`. An adapter trained with XTuner comes in with `adapter_dir` (its
+# `pth_to_hf` folder or the `iter_N.pth` itself).
+
 # %% tags=["parameters"]
 work_dir = None             # the run's work directory (None: ./work)
 max_shard_size = "2GB"      # split the weights into safetensors files of at most this size

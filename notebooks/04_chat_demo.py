@@ -16,6 +16,20 @@
 # ordinary questions (which should *not*). Then we chat with the model: here in the notebook, in a
 # terminal, and in the browser.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2) | here |
+# |---|---|
+# | `xtuner chat /root/ft/model --prompt-template internlm2_chat` (the base model, to compare) | the `before` column of **The before/after table** |
+# | `xtuner chat /root/ft/final_model --prompt-template internlm2_chat` (type, Enter twice; `RESET`, `EXIT`) | **Chat in a terminal**: `python -m helpers chat WORK/final_model --prompt-template internlm2_chat`, run here once with typed lines; **Chat in the notebook** |
+# | seeing the "复读机" by hand (the iter_600 answers) | **Over-fitting check**, next to an adapter **over-fitted on purpose** |
+# | `pip install streamlit==1.24.0`; `git clone https://github.com/InternLM/InternLM.git` into `/root/ft/web_demo`; edit `chat/web_demo.py` to `/root/ft/final_model`; `streamlit run /root/ft/web_demo/InternLM/chat/web_demo.py --server.address 127.0.0.1 --server.port 6006`; `ssh -CNg -L 6006:127.0.0.1:6006 root@ssh.intern-ai.org.cn -p PORT` | **Chat in the browser**: `python -m helpers web WORK/final_model --port 6006` (the same ssh tunnel) |
+#
+# What differs, and why: the chat template is the tokenizer's own, so `--prompt-template` is only checked, never needed;
+# one Enter sends a line. Answers are greedy by default (the course's web demo samples with temperature 0.1, top-p 0.75),
+# so the before/after table is the same on every run. The web demo is the kit's own page (`helpers/web_app.py`): nothing to
+# clone or edit. The transcripts of this notebook's chats go to `WORK/results/04_chat_demo.json` and into the report.
+
 # %% tags=["parameters"]
 work_dir = None            # the run's work directory (None: ./work)
 general_count = 10         # how many held-out general questions (data/general_heldout.json) go into the table

@@ -24,6 +24,20 @@
 # We compare the two on the same questions. On the defaults everything is tiny and runs on a CPU in minutes;
 # pass a real LLM and `clip-vit-large-patch14-336` folder to do the real thing on a GPU.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2: LLaVA fine-tune on one picture) | here |
+# |---|---|
+# | `git clone https://github.com/InternLM/tutorial -b camp2`; `python /root/tutorial/xtuner/llava/llava_data/repeat.py -i unique_data.json -o repeated_data.json -n 200` | **The data, in LLaVA format**: `conversations_file` (yours), `vlm_repeats` (homework: 200) |
+# | the course's pre-trained projector: `xtuner convert pth_to_hf llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain /root/share/new_models/xtuner/iter_2181.pth …/iter_2181_hf` | **Stage 1**, or `pretrained_projector = ".../iter_2181.pth"` to load the course's instead |
+# | before: `xtuner chat /root/share/new_models/Shanghai_AI_Laboratory/internlm2-chat-1_8b --visual-encoder /root/share/new_models/openai/clip-vit-large-patch14-336 --llava …/iter_2181_hf --prompt-template internlm2_chat --image …/test_img/oph.jpg` | the stage-1 answers (`image = ".../oph.jpg"` for the course's picture) |
+# | `cp …/internlm2_chat_1_8b_llava_tutorial_fool_config.py …/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune_copy.py`; `xtuner train …_finetune_copy.py --deepspeed deepspeed_zero2` | **Stage 2** (`preset = "homework"`) |
+# | after: `xtuner convert pth_to_hf …_finetune_copy.py …/iter_1200.pth …/iter_1200_hf`; `xtuner chat … --llava …/iter_1200_hf … --image …/oph.jpg` | **Before and after**; **Chat about the picture** (`python -m helpers chat WORK/vlm/final_model --image PICTURE`) |
+#
+# What differs, and why: stage 2's adapter and projector are saved in PEFT's and safetensors' formats directly (no
+# `pth_to_hf`), and merged into one LLaVA model that transformers loads alone. A control picture the model never saw is
+# asked the same questions, because a model that only learned to recite would recite there too.
+
 # %% tags=["parameters"]
 work_dir = None                # the run's work directory (None: ./work)
 llm = None                     # the chat LLM folder (None: the base model notebook 00 prepared)

@@ -22,6 +22,19 @@
 # By default everything goes to a local bare repository in the work directory, so this notebook runs
 # offline; set `remote_url` to your hub repository to publish for real.
 
+# %% [markdown]
+# ## The course's steps, and where they are here
+# | the course (camp2: OpenXLab) | here |
+# |---|---|
+# | create an empty model repository on OpenXLab; `git lfs install`; `git clone https://code.openxlab.org.cn/USER/REPO.git` | `remote_url = "https://code.openxlab.org.cn/USER/REPO.git"` and a token (below) |
+# | copy `/root/ft/final_model`'s files into the clone, `git lfs track "*.bin"`, `git add -A`, `git commit`, `git push` | `build_model_repo` (model card, `.gitattributes`) and **Push**; **What the remote holds** clones it back |
+# | an app repository with `app.py` (`git clone` + `git lfs pull` of the model on start), `requirements.txt`, `packages.txt` (`git`, `git-lfs`); OpenXLab → Apps → Streamlit | **The app bundle** (`WORK/publish/app`, its README has the build steps and what to do when a build hangs); `app_remote_url` pushes it |
+# | write up the homework | **The homework report** at the end, with your own **What I learned** |
+#
+# What differs, and why: the weights are `safetensors` sent to LFS by the `.gitattributes` written for you; the token
+# never enters a file; the push is read back before it is reported; and a push to the default local repository is
+# practice, named so everywhere, not a publication.
+
 # %% tags=["parameters"]
 work_dir = None                 # the run's work directory (None: ./work)
 model_name = "xiaoming-assistant"  # the model's name on its card

@@ -63,3 +63,21 @@ def test_a_course_wide_parameter_means_one_thing():
     shared = {name for name, books in declared.items() if len(books) > 1}
     assert shared <= same_meaning, f"declared by several notebooks with different meanings: {shared - same_meaning}"
     assert declared["repeats"] == ["01"] and declared["vlm_repeats"] == ["05"]
+
+
+def test_every_notebook_opens_with_the_courses_steps_beside_its_own():
+    """A student who follows the original course (camp2) finds each of its commands, with its paths, and the cell
+    that does it here, before the first code cell."""
+    import re
+
+    courses = {"00": "/root/ft/model", "01": "/root/ft/data/personal_assistant.json",
+               "02": "internlm2_1_8b_qlora_alpaca_e3_copy.py", "03": "xtuner convert merge /root/ft/model",
+               "04": "xtuner chat /root/ft/final_model --prompt-template internlm2_chat", "05": "iter_2181.pth",
+               "06": "https://code.openxlab.org.cn/USER/REPO.git"}
+    for path in sources():
+        text = path.read_text(encoding="utf-8")
+        opening = text[:text.index('# %% tags=["parameters"]')]
+        assert "## The course's steps, and where they are here" in opening, path.name
+        assert courses[path.name[:2]] in opening, path.name
+        assert re.search(r"^# What differs, and why: ", opening, re.M), path.name
+    assert "pth_to_hf" in (NOTEBOOKS_DIR / "02_qlora_finetune.py").read_text(encoding="utf-8").split("tags=")[0]
