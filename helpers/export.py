@@ -98,11 +98,8 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
     """One GGUF file for a Llama-layout model folder (the tiny model; InternLM2 after the kit's conversion; Qwen2
     is refused in one sentence). Written to a temporary name and renamed, so a stopped export leaves no half file."""
     import gguf
-    import numpy as np
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .template import end_of_turn_token
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = AutoConfig.from_pretrained(model_dir)
@@ -113,13 +110,31 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
                           "course's models), use llama.cpp's convert_hf_to_gguf.py for this one.")
     if quant not in QUANTS:
         raise ExportError(f"quant {quant!r}: use one of {', '.join(QUANTS)}.")
+    if not (model_dir / "tokenizer.json").exists():
+        raise ExportError(f"{model_dir}: no tokenizer.json (a fast tokenizer) to write into the GGUF file; save the "
+                          "model's tokenizer with AutoTokenizer.save_pretrained, or export with llama.cpp's script.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tmp = out_file.with_name(out_file.name + ".partial")
+    try:
+        _write(gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]), model, tokenizer, config, model_dir,
+               quant)
+    except BaseException:  # a stopped or failed export leaves no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def _write(writer, model, tokenizer, config, model_dir: Path, quant: str) -> None:
+    """The metadata, tokenizer and tensors of one GGUF file, in the order GGUFWriter writes them."""
+    import gguf
+    import numpy as np
+
+    from .template import end_of_turn_token
+
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-
-    tmp = out_file.with_name(out_file.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(model_dir.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -134,9 +149,6 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
 
-    if not (model_dir / "tokenizer.json").exists():
-        raise ExportError(f"{model_dir}: no tokenizer.json (a fast tokenizer) to write into the GGUF file; save the "
-                          "model's tokenizer with AutoTokenizer.save_pretrained, or export with llama.cpp's script.")
     _write_tokenizer(writer, tokenizer, model_dir)
     writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)))  # llama.cpp stops there
 
@@ -162,8 +174,6 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out_file)
-    return out_file
 
 
 def ollama_modelfile(model_dir: str | os.PathLike, gguf_name: str, system: str) -> str:
@@ -188,6 +198,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     """GGUF files (one per quant) and a Modelfile (for the first quant) in `out_dir` (default WORK/export)."""
     from .base_model import check_model_dir
     from .chat_defaults import trained_system_prompt
+    from .data import atomic_write_text
 
     model_dir = check_model_dir(model_dir)
     out_dir = Path(out_dir) if out_dir else default_out_dir(model_dir)
@@ -196,7 +207,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     stem = Path(model_dir).name
     files = {q: write_gguf(model_dir, out_dir / f"{stem}-{q}.gguf", q) for q in quants}
     modelfile = out_dir / MODELFILE
-    modelfile.write_text(ollama_modelfile(model_dir, files[quants[0]].name, system), encoding="utf-8")
+    atomic_write_text(modelfile, ollama_modelfile(model_dir, files[quants[0]].name, system))
     return {"gguf": {q: str(p) for q, p in files.items()}, "modelfile": str(modelfile), "system": system}
 
 
