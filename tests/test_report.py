@@ -13,7 +13,7 @@ from helpers.__main__ import main
 from helpers.paths import work as make_work
 from helpers.report import build_report
 
-SECTIONS = ["environment", "data", "training", "evaluation", "merge", "before-after", "vlm", "publish"]
+SECTIONS = ["environment", "data", "training", "evaluation", "merge", "before-after", "cost", "vlm", "publish"]
 
 
 def _chromium(window=(1200, 900)):
@@ -109,7 +109,7 @@ def test_missing_sections_say_not_run(course_work, tmp_path):
 def test_an_empty_work_dir_gives_a_report_of_not_run_sections(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert page.count("not-run-section") == len(SECTIONS) and "0 of 8 sections ran" in page
+    assert page.count("not-run-section") == len(SECTIONS) and "0 of 9 sections ran" in page
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
