@@ -12,6 +12,7 @@ COURSE_TASK = "course_mc"  # the kit's own bilingual multiple-choice set, an lm-
 COURSE_TASK_FILE = DATA_DIR / "course_mc" / "course_mc.yaml"
 RESULTS_NAME = "evaluation"  # WORK/results/evaluation.json
 MODELS = ("base", "base + adapter", "final_model")
+COLUMNS = ("measure", *MODELS, "delta")
 IDENTITY_QUESTIONS_MAX_NEW_TOKENS = 48  # enough for the identity sentence; the share only looks for the name
 
 
@@ -146,6 +147,7 @@ def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, a
     from tqdm.auto import tqdm
 
     from .base_model import base_model_path
+    from .chat_defaults import trained_system_prompt
     from .fingerprint import current_sources
     from .merge import require_verified
     from .results import read_results, save_results
@@ -161,7 +163,7 @@ def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, a
     _task_specs(tasks)  # an unknown task is refused before any model loads
     warning = require_verified(work.final_model, allow_unverified)
     base = base_model_path(work)
-    system = data.get("system", "")
+    system = trained_system_prompt(work.final_model, work.adapter) or ""  # as training asked, like `helpers chat`
     models = dict(zip(MODELS, ((base, None), (base, work.adapter), (work.final_model, None))))
     rows = {}
     for label, (model_dir, adapter) in tqdm(models.items(), desc="evaluating", file=sys.stdout):
@@ -169,6 +171,7 @@ def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, a
                               tasks=tasks, limit=limit)
     result = {"models": rows, "tasks": tasks, "limit": limit, "system": system, "name": data["name"],
               "unverified": warning, "sources": current_sources(work, ("adapter", "final_model"))}
+    result["table"] = [dict(zip(COLUMNS, row)) for row in cost_rows(result)]  # as the report and model card show it
     if save:
         save_results(work, RESULTS_NAME, result)
     return result

@@ -102,14 +102,8 @@ def card_facts(work: Work) -> dict:
 
 
 def _cost_rows(work: Work) -> list[dict]:
-    """What the fine-tune cost (helpers.evaluate's table: base, base + adapter, final_model and the delta)."""
-    from .evaluate import MODELS, RESULTS_NAME, cost_rows
-
-    result = _results(work, RESULTS_NAME)
-    try:
-        return [dict(zip(["measure", *MODELS, "delta"], row)) for row in cost_rows(result)]
-    except (KeyError, TypeError, ValueError):  # not evaluated, or a file the card cannot read: left out
-        return []
+    """What the fine-tune cost: the table helpers.evaluate saved (base, base + adapter, final_model, the delta)."""
+    return table_rows(_results(work, "evaluation"), ("table",))
 
 
 def _eval_rows(train: dict) -> list[dict]:

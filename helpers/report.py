@@ -268,22 +268,19 @@ def before_after_section(work: Work) -> Section:
 
 
 def fine_tune_cost_section(work: Work) -> Section:
-    """helpers.evaluate's table (notebook 04 or `python -m helpers evaluate`): base, base + adapter, final_model."""
-    from .evaluate import MODELS, RESULTS_NAME, cost_rows
-
+    """The table helpers.evaluate saved (notebook 04 or `python -m helpers evaluate`): base, base + adapter,
+    final_model and the delta."""
     title = "What the fine-tune cost"
-    r = read_results(work, RESULTS_NAME)
+    r = read_results(work, "evaluation")
     if r is None:
         return _not_run("cost", title, NOTEBOOKS["04"], "not run: neither notebook 04 nor `python -m helpers "
-                                                         f"evaluate` has written results/{RESULTS_NAME}.json here.")
+                                                         "evaluate` has written results/evaluation.json here.")
     s = _unreadable("cost", title, r) or _marked_if_stale(work, Section("cost", title), r, NOTEBOOKS["04"])
-    try:
-        rows = cost_rows(r)
-    except (KeyError, TypeError, ValueError):
-        rows = []
+    rows = table_rows(r, ("table",)) if s.ran else []
     if s.ran and not rows:
-        s.p(f"results/{RESULTS_NAME}.json holds no evaluation table; run notebook 04 again.")
-    s.table(["measure", *MODELS, "delta"], rows)
+        s.p("results/evaluation.json holds no evaluation table; run notebook 04 again.")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    s.table(columns, [[row.get(c, "") for c in columns] for row in rows])
     return s
 
 
