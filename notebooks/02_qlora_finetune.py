@@ -130,6 +130,18 @@ print(data_summary)
 packed_row_table(tokenizer, rows[0]).head(6)
 
 # %% [markdown]
+# ## How this machine will train it
+# One plan, made once from the settings, the model's dimensions and this machine (GPU memory, the run's length):
+# the weights' precision (16-bit, or 4-bit NF4 = QLoRA), the layers, the attention, the loss, how many rows go
+# through one forward and how many forwards make one update (always `batch_size x gradient_accumulation` rows),
+# and whether activations are recomputed. Each choice says why; the training below follows it exactly.
+
+# %%
+from helpers.train import plan_for
+
+plan_for(config.resolved(), resolve_base_model(config.base_model, work), len(rows)).table()
+
+# %% [markdown]
 # ## Train
 # The bar counts optimizer updates; the plot below it redraws as the loss comes in (also saved as
 # `WORK/train/loss.png`). Checkpoints go to `WORK/train/checkpoints` every `save_steps`; if the kernel dies,
@@ -175,10 +187,15 @@ pd.DataFrame({"question": general_questions, "answer": general,
 # `WORK/train/metrics.jsonl` has one row per logging step.
 
 # %%
+from helpers.report import metrics_table
 from helpers.train import read_metrics
 
 metrics = pd.DataFrame(read_metrics(work))
-metrics.tail(5)
+metrics_table(read_metrics(work)).tail(5)
+
+# %% [markdown]
+# `passes over the data` is how much of the data the updates had read: with `max_steps` set (the tiny preset), a share
+# of one pass, and the `epochs` knob is not used; with `max_steps = -1` (homework) it counts up to `epochs`.
 
 # %%
 from helpers.results import save_results
