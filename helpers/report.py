@@ -1,5 +1,8 @@
-"""The homework report: WORK/report/index.html (one self-contained file, images embedded, Chinese
-rendered with a CJK font) and its Markdown twin index.md, built from the results JSON and artifacts.
+"""The homework report: WORK/report/index.html, the page to hand in (one self-contained HTML file, images embedded;
+Chinese is set in Noto Sans CJK and emoji in Noto Color Emoji, named in its CSS with the usual fallbacks), and its
+Markdown twin index.md, built from the results JSON and artifacts. One page in the course's order: who the assistant
+is, training, the chats, the over-fitting check, the merge, the pictures, where it was published and what the student
+learned; the bookkeeping (versions, hashes, settings) is an appendix, collapsed.
 
     python -m helpers report WORK
 """
@@ -23,9 +26,11 @@ NOTEBOOKS = {
     "04": "04_chat_demo", "05": "05_vlm_llava_finetune", "06": "06_publish",
 }
 PREVIEW_RECORDS = 6
-# Noto CJK first (fonts-noto-cjk on Debian), then the usual CJK system fonts of macOS and Windows.
+# Noto CJK first (fonts-noto-cjk on Debian), then the usual CJK system fonts of macOS and Windows; then the colour
+# emoji fonts (fonts-noto-color-emoji on Debian), so an emoji in a name is drawn, not a box.
+EMOJI_FONTS = '"Noto Color Emoji", "Apple Color Emoji", "Segoe UI Emoji"'
 FONT_STACK = ('"Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", '
-              '"PingFang SC", "Microsoft YaHei", sans-serif')
+              f'"PingFang SC", "Microsoft YaHei", {EMOJI_FONTS}, sans-serif')
 CSS = """
 body { font-family: %s; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
 h1 { border-bottom: 2px solid #345; padding-bottom: .3em; }
@@ -38,7 +43,9 @@ img { max-width: 100%%; border: 1px solid #ddd; }
 .pass { color: #161; font-weight: bold; } .fail { color: #a11; font-weight: bold; }
 .meta { color: #667; font-size: 13px; }
 .stale { color: #8a5a00; background: #fff6dd; padding: 4px 8px; font-weight: bold; }
-""" % FONT_STACK
+pre { font-family: "Noto Sans Mono CJK SC", %s, monospace; background: #f6f7f9; padding: 8px; white-space: pre-wrap; }
+details summary { cursor: pointer; color: #345; }
+""" % (FONT_STACK, FONT_STACK)
 
 
 # ---------------------------------------------------------------- reading the work dir
@@ -98,16 +105,33 @@ def vlm_image(work: Work, r: dict) -> Path | None:
     return found[0] if found else None
 
 
+def metrics_table(rows: list[dict]):
+    """WORK/train/metrics.jsonl as a person reads it (a DataFrame by step): seconds since the first logged step rather
+    than a Unix timestamp, and the share of one pass over the data read so far rather than a bare 'epoch'."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    if "time" in table:
+        table["time"] = (table["time"] - table["time"].iloc[0]).round(1)
+    names = {"time": "seconds since the first log", "epoch": "passes over the data", "tokens_per_s": "tokens/s",
+             "peak_memory_mb": "peak memory (MB)", "grad_norm": "gradient norm", "lr": "learning rate"}
+    return table.rename(columns=names).set_index("step")
+
+
 # ---------------------------------------------------------------- the document model
 @dataclass
 class Section:
-    """One section, kept as blocks both writers render: ("p", text), ("table", header, rows), ("img", path, alt)."""
+    """One section, kept as blocks both writers render: ("p", text), ("table", header, rows), ("img", path, alt),
+    ("pre", text)."""
 
     key: str
     title: str
     ran: bool = True
     blocks: list = field(default_factory=list)
     stale: str = ""  # the note when the results came from files that have changed since (an older run)
+    collapsed: bool = False  # shown folded (<details>): bookkeeping a reader opens when they want it
 
     def p(self, text: str):
         self.blocks.append(("p", text))
@@ -118,6 +142,9 @@ class Section:
 
     def img(self, path: Path, alt: str):
         self.blocks.append(("img", path, alt))
+
+    def pre(self, text: str):
+        self.blocks.append(("pre", text))
 
 
 def _not_run(key: str, title: str, notebook: str, why: str = "") -> Section:
@@ -156,69 +183,43 @@ def _marked_if_stale(work: Work, s: Section, r: dict, notebook: str) -> Section:
     return s
 
 
-def environment_section(work: Work) -> Section:
-    s, r = _open(work, "environment", "Environment", NOTEBOOKS["00"])
-    if r is None:
+HELD_IN = {"nf4": "4 bits, NF4 (QLoRA)", "none": "16/32 bits (plain LoRA)"}
+
+
+def _minutes(seconds) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if isinstance(seconds, (int, float)) else "?"
+
+
+def assistant_section(work: Work) -> Section:
+    """Who the assistant is, and what made it: the base model, the preset and the numbers that matter."""
+    s, data = _open(work, "assistant", "Who the assistant is", NOTEBOOKS["01"])
+    if data is None:
         return s
-    s.table(["fact", "value"], _scalars(r, skip=("recommendation", "qlora_4bit_note")))
-    if r.get("recommendation"):
-        s.p(str(r["recommendation"]))
-    identity = r.get("base_model_identity")
-    if isinstance(identity, dict):  # which base model, by content (what `homework check --require-base` compares)
-        preset = ((read_results(work, "02_qlora_finetune") or {}).get("hyper_parameters") or {}).get("preset")
-        rows = [(k, _text(identity[k])) for k in ("source", "architecture", "parameters", "hidden_size", "layers",
-                                                  "vocab_size", "content_sha256") if k in identity]
-        s.table(["base model", "value"], rows + ([("preset (notebook 02)", preset)] if preset else []))
-    return s
-
-
-def data_section(work: Work) -> Section:
-    from .data import DataError, load_dataset
-
-    s, r = _open(work, "data", "Data", NOTEBOOKS["01"])
-    if r is None:
-        return s
-    s.p(f"The assistant belongs to {r.get('name', '?')}; it should answer: {r.get('answer', '?')}")
-    s.table(["fact", "value"], [(k, _text(r[k])) for k in ("records", "identity_records", "general_records", "format",
-                                                          "output_format", "questions", "evaluation_inputs", "system")
-                                if k in r])
-    tl = r.get("token_length")
-    if isinstance(tl, dict):
-        s.table(["token length", "value"], [(k, _text(v)) for k, v in tl.items()])
-    try:
-        conversations = load_dataset(work.dataset)
-    except DataError as e:
-        s.p(f"The data file cannot be previewed: {e}")
-        return s
-    rows = [[" / ".join(m["content"] for m in c if m["role"] == role) for role in ("system", "user", "assistant")]
-            for c in conversations[:PREVIEW_RECORDS]]
-    s.p(f"The first {len(rows)} of {len(conversations)} records of {work.dataset.name}:")
-    s.table(["system", "user", "assistant"], rows)
-    return s
-
-
-HYPER_KEYS = ("hyperparameters", "hyper_parameters", "training_config", "config", "settings")
-
-
-def training_section(work: Work) -> Section:
-    s, r = _open(work, "training", "Training (QLoRA fine-tune)", NOTEBOOKS["02"])
-    if r is None:
-        return s
-    hyper = next((r[k] for k in HYPER_KEYS if isinstance(r.get(k), dict)), None)
-    s.table(["result", "value"], _scalars(r))
-    if hyper:
-        s.table(["hyper-parameter", "value"], _scalars(hyper))
-    if work.loss_plot.exists():
-        s.img(work.loss_plot, "training loss curve")
+    env, train = read_results(work, NOTEBOOKS["00"]) or {}, read_results(work, NOTEBOOKS["02"]) or {}
+    s.p(f"{data.get('name', '?')}'s assistant. Asked who it is, it should answer: {data.get('answer', '?')}")
+    identity = env.get("base_model_identity") if isinstance(env.get("base_model_identity"), dict) else {}
+    base = identity.get("source") or env.get("base_model") or "?"
+    about = ", ".join(f"{identity[k]:,} parameters" if k == "parameters" and isinstance(identity[k], int)
+                      else str(identity[k]) for k in ("architecture", "parameters") if identity.get(k))
+    hyper = train.get("hyper_parameters") if isinstance(train.get("hyper_parameters"), dict) else {}
+    gpu = env.get("gpu")
+    gpu = (f"{gpu} ({_text(env.get('gpu_memory_gib'))} GiB)" if gpu and gpu != "none"
+           else f"none: trained on the CPU ({env.get('cpu', '?')})" if gpu else "?")
+    rows = [("base model", f"{base}{f' ({about})' if about else ''}"),
+            ("preset", train.get("preset") or hyper.get("preset") or "?")]
+    if train and "_unreadable" not in train:
+        rows += [("updates (optimizer steps)", train.get("steps", "?")),
+                 ("training time", _minutes(train.get("train_seconds"))), ("GPU", gpu),
+                 ("frozen weights held in", HELD_IN.get(train.get("quantization"), str(train.get("quantization")))),
+                 ("identity learned", "yes" if train.get("identity_learned") else "no")]
     else:
-        points = loss_points(work)
-        s.p(f"No loss plot was saved; the loss went from {points[0][1]:.4g} to {points[-1][1]:.4g} over "
-            f"{len(points)} logged steps." if points else "No loss curve was saved (WORK/train/loss.png is missing).")
+        rows += [("GPU", gpu), ("training", "not run: notebook 02 has not written its results")]
+    s.table(["", ""], rows)
     return s
 
 
 def evaluation_section(work: Work) -> Section:
-    key, title = "evaluation", "Evaluation outputs per step"
+    key, title = "evaluation", "The identity arriving: evaluation across training"
     rounds = evaluation_rounds(work)
     if not rounds:
         return _not_run(key, title, NOTEBOOKS["02"], "not run: WORK/train/eval_outputs/ holds no evaluation rounds "
@@ -233,6 +234,75 @@ def evaluation_section(work: Work) -> Section:
     return s
 
 
+def training_section(work: Work) -> Section:
+    s, r = _open(work, "training", "Training loss", NOTEBOOKS["02"])
+    if r is None:
+        return s
+    if isinstance(r.get("first_loss"), (int, float)) and isinstance(r.get("final_loss"), (int, float)):
+        s.p(f"The loss went from {r['first_loss']:.4g} to {r['final_loss']:.4g} over {r.get('steps', '?')} updates.")
+    if work.loss_plot.exists():
+        s.img(work.loss_plot, "training loss curve")
+    else:
+        points = loss_points(work)
+        s.p(f"No loss plot was saved; {len(points)} steps were logged." if points
+            else "No loss curve was saved (WORK/train/loss.png is missing).")
+    return s
+
+
+def before_after_section(work: Work) -> Section:
+    """The chats: the evaluation questions before and after, then the notebook's, the terminal's and the web demo's."""
+    s, r = _open(work, "before-after", "Before / after (LLM)", NOTEBOOKS["04"])
+    if r is None:
+        return s
+    rows = table_rows(r, ("rows", "before_after", "table", "comparison"))
+    asked = [row for row in rows if row.get("kind", "evaluation") == "evaluation"]
+    if asked:
+        s.p("The evaluation questions, asked the base model (before) and the merged final_model (after):")
+        s.table(["question", "before", "after"], [[row.get("question", ""), row.get("before", ""), row.get("after", "")]
+                                                 for row in asked])
+    else:
+        s.p("Notebook 04 saved no before/after table.")
+    chat = r.get("chat_transcript")
+    if isinstance(chat, list) and chat:
+        s.p("In the notebook's chat widget:")
+        s.table(["who", "said"], [[m.get("role", ""), m.get("content", "")] for m in chat if isinstance(m, dict)])
+    if isinstance(r.get("terminal_transcript"), str):
+        s.p("In a terminal (the course's xtuner chat):")
+        s.pre(r["terminal_transcript"])
+    web = r.get("web_transcript")
+    if isinstance(web, list) and web:
+        s.p("In the web demo (the Streamlit page):")
+        s.table(["who", "said"], [[m.get("role", ""), m.get("text", "")] for m in web if isinstance(m, dict)])
+    if not any(isinstance(r.get(k), (list, str)) for k in ("chat_transcript", "terminal_transcript", "web_transcript")):
+        s.p("Notebook 04 recorded no chat transcripts; run it again to add them.")
+    return s
+
+
+def overfitting_section(work: Work) -> Section:
+    s, r = _open(work, "overfitting", "Over-fitting check, with the contrast", NOTEBOOKS["04"])
+    if r is None:
+        return s
+
+    def said(v: dict, label: str) -> str:
+        return (f"{label}: identity in {v.get('identity_on_general', '?')} of {v.get('general_questions', '?')} "
+                f"held-out general answers, {'OVER-FITTED' if v.get('overfitted') else 'not over-fitted'}")
+
+    contrast = r.get("contrast") if isinstance(r.get("contrast"), dict) else None
+    if "identity_on_general" in r:
+        verdicts = [said(r, "The mixed run (final_model)")]
+        if contrast:
+            verdicts.append(said(contrast, "the adapter over-fitted on purpose (identity only, no general chat)"))
+        s.p("; ".join(verdicts) + ". Over-fitted means the identity leaks into more than half of the questions it was "
+            "never trained on.")
+    general = [row for row in table_rows(r, ("rows",)) if row.get("kind") == "general"]
+    columns = [c for c in ("question", "after", "over-fitted", "reference") if any(c in row for row in general)]
+    s.table(columns, [[row.get(c, "") for c in columns] for row in general])
+    comparison = work.contrast / "loss_comparison.png"
+    if comparison.exists():
+        s.img(comparison, "the loss of the mixed run and of the over-fitted contrast")
+    return s
+
+
 def merge_section(work: Work) -> Section:
     s, r = _open(work, "merge", "Merge check", NOTEBOOKS["03"])
     if r is None:
@@ -240,30 +310,8 @@ def merge_section(work: Work) -> Section:
     passed = r.get("passed")
     s.p(("PASSED" if passed else "FAILED") + f": the merged final_model and base + adapter give logits that differ by "
         f"at most {_text(r.get('max_abs_diff'))} (tolerance {_text(r.get('tolerance'))}).")
-    s.table(["fact", "value"], [(k, _text(r[k])) for k in ("max_abs_diff", "tolerance", "passed", "dtype",
-                                                          "adapter_effect_max_abs", "size_bytes", "base_size_bytes",
-                                                          "adapter_size_bytes", "final_model") if k in r])
     if isinstance(r.get("reload_answers"), list):
         s.table(["answer of the reloaded final_model"], [[a] for a in r["reload_answers"]])
-    return s
-
-
-def before_after_section(work: Work) -> Section:
-    s, r = _open(work, "before-after", "Before / after (LLM)", NOTEBOOKS["04"])
-    if r is None:
-        return s
-    rows = table_rows(r, ("rows", "before_after", "table", "comparison"))
-    if not rows:
-        s.p("Notebook 04 saved no before/after table.")
-        return s
-    columns = [c for c in ("kind", "question", "before", "after", "reference") if any(c in row for row in rows)]
-    columns += [c for c in dict.fromkeys(k for row in rows for k in row) if c not in columns]
-    s.table(columns, [[row.get(c, "") for c in columns] for row in rows])
-    verdict = {k: v for k, v in r.items() if k.startswith(("identity_on", "general", "overfitted", "evaluation_q"))}
-    if verdict:
-        s.table(["over-fitting check", "value"], _scalars(verdict))
-    if isinstance(r.get("contrast"), dict):  # the adapter over-fitted on purpose, for comparison
-        s.table(["over-fitted contrast", "value"], _scalars(r["contrast"]))
     return s
 
 
@@ -321,23 +369,32 @@ def vlm_section(work: Work) -> Section:
     if r is None:
         return s
     image = vlm_image(work, r)
+    control = r.get("control_image")
+    control = Path(control) if isinstance(control, str) and Path(control).is_file() else None
     if image:
-        s.img(image, "the picture the VLM was taught about")
-    rows = table_rows(r, VLM_TABLE_KEYS)
-    pairs = vlm_pairs(r)
-    if rows and pairs:  # the notebook's own table, every column of it
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        s.table(columns, [[row.get(c, "") for c in columns] for row in rows])
-    elif pairs:
-        s.table(["question", "before (stage 1)", "after (stage 2)"], [list(p) for p in pairs])
+        s.img(image, "the course picture the VLM was taught about")
+    if control:
+        s.img(control, "the control picture no stage trained on")
+    lists = [r.get(k) for k in ("questions", "stage1_answers", "stage2_answers")]
+    if all(isinstance(x, list) for x in lists):
+        s.p("The same questions about the course picture, before (stage 1: captions only) and after (stage 2)" + (
+            ", and about the control picture, which a model that only recites would answer the same way:"
+            if control else ":"))
+        columns = [("question", "questions"), ("expected", "expected_answers"), ("before", "stage1_answers"),
+                   ("after", "stage2_answers"), ("control picture, before", "control_stage1_answers"),
+                   ("control picture, after", "control_stage2_answers")]
+        columns = [(h, k) for h, k in columns if isinstance(r.get(k), list)]
+        n = len(r["questions"])
+        s.table([h for h, _ in columns], [[r[k][i] if i < len(r[k]) else "" for _, k in columns] for i in range(n)])
+    elif vlm_pairs(r):
+        s.table(["question", "before (stage 1)", "after (stage 2)"], [list(p) for p in vlm_pairs(r)])
     else:
         s.p("Notebook 05 saved no before/after answers.")
-    s.table(["result", "value"], _scalars(r))
     return s
 
 
 def publish_section(work: Work) -> Section:
-    s, r = _open(work, "publish", "Publish", NOTEBOOKS["06"])
+    s, r = _open(work, "publish", "Where it was published", NOTEBOOKS["06"])
     if r is None:
         return s
     push = _find_push(r)
@@ -348,20 +405,100 @@ def publish_section(work: Work) -> Section:
         s.p(f"Practice remote, not published: commit {commit} went to {remote}, a repository on this machine; "
             "push to a model hub (remote_url in notebook 06) to publish.")
     elif commit:
-        s.p(f"Pushed commit {commit} to {remote}.")
+        s.p(f"Published: commit {commit} at {remote} ({push.get('branch', 'main')}).")
     else:
-        s.p("The model repository was not pushed.")
-    links = [(k, _text(v)) for k, v in {**r, **push}.items()
-             if isinstance(v, str) and (v.startswith(("http://", "https://", "file://", "git@")) or k.endswith(("url", "remote")))]
-    s.table(["link", "where"], list(dict.fromkeys(links)))
-    s.table(["fact", "value"], [(k, v) for k, v in _scalars(push) if (k, v) not in links])
+        s.p("The model repository was not pushed" + (f": {r['push']['reason']}" if isinstance(r.get("push"), dict)
+                                                     and r["push"].get("reason") else "."))
+    hub = r.get("hub_upload")
+    if isinstance(hub, dict) and hub.get("repo_url"):
+        s.p(f"Also uploaded through huggingface_hub: {hub['repo_url']}.")
+    app = r.get("app_push")
+    if isinstance(app, dict) and app.get("remote"):
+        s.p(f"The demo app was pushed to {app['remote']} (commit {app.get('commit', '?')}).")
+    return s
+
+
+LEARNED_HINT = "write it in notebook 06's homework region (what_i_learned) and run the notebook again."
+
+
+def learned_section(work: Work) -> Section:
+    s, r = _open(work, "learned", "What I learned", NOTEBOOKS["06"])
+    if r is None:
+        return s
+    text = r.get("what_i_learned")
+    if not isinstance(text, str) or not text.strip():
+        s.p(f"Not written yet: {LEARNED_HINT}")
+        return s
+    for paragraph in (p.strip() for p in text.strip().split("\n\n")):
+        if paragraph:
+            s.p(paragraph)
+    return s
+
+
+HYPER_KEYS = ("hyperparameters", "hyper_parameters", "training_config", "config", "settings")
+
+
+def appendix_section(work: Work) -> Section:
+    """The bookkeeping, collapsed: versions, hashes, settings and sizes, for a teacher who wants to check."""
+    from .data import DataError, load_dataset
+
+    s = Section("appendix", "Appendix: bookkeeping", collapsed=True)
+    results = {nb: read_results(work, name) for nb, name in NOTEBOOKS.items()}
+    results = {nb: r for nb, r in results.items() if isinstance(r, dict) and "_unreadable" not in r}
+    env = results.get("00", {})
+    if env:
+        s.table(["environment (notebook 00)", "value"], _scalars(env, skip=("recommendation", "qlora_4bit_note")))
+        if isinstance(env.get("base_model_identity"), dict):
+            identity = env["base_model_identity"]
+            s.table(["base model", "value"], [(k, _text(identity[k])) for k in (
+                "source", "architecture", "parameters", "hidden_size", "layers", "vocab_size", "content_sha256")
+                                               if k in identity])
+    data = results.get("01", {})
+    if data:
+        s.table(["data (notebook 01)", "value"], [(k, _text(data[k])) for k in (
+            "records", "identity_records", "general_records", "format", "output_format", "questions",
+            "evaluation_inputs", "system") if k in data])
+        if isinstance(data.get("token_length"), dict):
+            s.table(["token length", "value"], [(k, _text(v)) for k, v in data["token_length"].items()])
+        try:
+            conversations = load_dataset(work.dataset)
+        except DataError as e:
+            s.p(f"The data file cannot be previewed: {e}")
+        else:
+            s.p(f"The first {min(PREVIEW_RECORDS, len(conversations))} of {len(conversations)} records of "
+                f"{work.dataset.name}:")
+            roles = ("system", "user", "assistant")
+            s.table(list(roles), [[" / ".join(m["content"] for m in c if m["role"] == role) for role in roles]
+                                  for c in conversations[:PREVIEW_RECORDS]])
+    train = results.get("02", {})
+    if train:
+        s.table(["training (notebook 02)", "value"], _scalars(train))
+        hyper = next((train[k] for k in HYPER_KEYS if isinstance(train.get(k), dict)), None)
+        if hyper:
+            s.table(["hyper-parameter", "value"], _scalars(hyper))
+    merge = results.get("03", {})
+    if merge:
+        s.table(["merge (notebook 03)", "value"], [(k, _text(merge[k])) for k in (
+            "max_abs_diff", "tolerance", "passed", "dtype", "adapter_effect_max_abs", "size_bytes", "base_size_bytes",
+            "adapter_size_bytes", "final_model") if k in merge])
+    vlm = results.get("05", {})
+    if vlm:
+        s.table(["VLM (notebook 05)", "value"], _scalars(vlm))
+    publish = results.get("06", {})
+    if publish:
+        push = _find_push(publish)
+        s.table(["publish (notebook 06)", "value"], [(k, v) for k, v in _scalars(push) if k != "what_i_learned"])
+    if not results:
+        s.ran = False
+        s.p("not run: no notebook has written its results in this work directory.")
     return s
 
 
 def sections(work: Work) -> list[Section]:
-    return [environment_section(work), data_section(work), training_section(work), evaluation_section(work),
-            merge_section(work), before_after_section(work), fine_tune_cost_section(work), vlm_section(work),
-            publish_section(work)]
+    """The report in the course's order; the bookkeeping last, collapsed."""
+    return [assistant_section(work), evaluation_section(work), training_section(work), before_after_section(work),
+            overfitting_section(work), fine_tune_cost_section(work), merge_section(work), vlm_section(work),
+            publish_section(work), learned_section(work), appendix_section(work)]
 
 
 # ---------------------------------------------------------------- writers
@@ -378,6 +515,8 @@ def _html_block(block) -> str:
         head = "".join(f"<th>{e(h)}</th>" for h in block[1])
         body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if block[0] == "pre":
+        return f"<pre>{e(block[1])}</pre>"
     return f'<img src="{_data_uri(block[1])}" alt="{e(block[2])}">'
 
 
@@ -385,10 +524,14 @@ def render_html(title: str, meta: str, secs: list[Section]) -> str:
     e = html.escape
     toc = "".join(f'<li><a href="#{s.key}">{e(s.title)}</a>{"" if s.ran else " (not run)"}'
                   f'{" (from an older run)" if s.stale else ""}</li>' for s in secs)
+
+    def content(s: Section) -> str:
+        inner = "".join(_html_block(b) if s.ran else f'<p class="not-run">{e(b[1])}</p>' for b in s.blocks)
+        return f"<details><summary>Show {e(s.title.lower())}</summary>{inner}</details>" if s.collapsed else inner
+
     body = "".join(
         f'<section id="{s.key}" class="{"ran" if s.ran else "not-run-section"}{" stale-section" if s.stale else ""}">'
-        f'<h2>{e(s.title)}</h2>' + (f'<p class="stale">{e(s.stale)}</p>' if s.stale else "")
-        + "".join(_html_block(b) if s.ran else f'<p class="not-run">{e(b[1])}</p>' for b in s.blocks) + "</section>"
+        f'<h2>{e(s.title)}</h2>' + (f'<p class="stale">{e(s.stale)}</p>' if s.stale else "") + content(s) + "</section>"
         for s in secs)
     return (f'<!DOCTYPE html>\n<html lang="zh-CN"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{e(title)}</h1><p class=\"meta\">{e(meta)}</p>"
@@ -403,14 +546,18 @@ def render_markdown(title: str, meta: str, secs: list[Section], image_names: dic
     out = [f"# {title}", "", meta, ""]
     for s in secs:
         out += [f"## {s.title}", ""] + ([f"**{s.stale}**", ""] if s.stale else [])
+        out += [f"<details><summary>Show {s.title.lower()}</summary>", ""] if s.collapsed else []
         for b in s.blocks:
             if b[0] == "p":
                 out += [f"*{b[1]}*" if not s.ran else b[1], ""]
             elif b[0] == "table":
                 out += ["| " + " | ".join(_md_cell(h) for h in b[1]) + " |", "|" + "---|" * len(b[1])]
                 out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b[2]] + [""]
+            elif b[0] == "pre":
+                out += ["```text", b[1].rstrip("\n"), "```", ""]
             else:
                 out += [f"![{b[2]}]({image_names[b[1]]})", ""]
+        out += ["</details>", ""] if s.collapsed else []
     return "\n".join(out)
 
 
@@ -428,7 +575,8 @@ def build_report(work_dir=None) -> Path:
         for s in secs:
             for b in s.blocks:
                 if b[0] == "img" and b[1] not in images:
-                    images[b[1]] = f"{s.key}{b[1].suffix.lower()}"
+                    n = sum(f.startswith(s.key) for f in images.values())
+                    images[b[1]] = f"{s.key}{f'-{n + 1}' if n else ''}{b[1].suffix.lower()}"
                     shutil.copyfile(b[1], tmp / images[b[1]])
         (tmp / "index.html").write_text(render_html(title, meta, secs), encoding="utf-8")
         (tmp / "index.md").write_text(render_markdown(title, meta, secs, images), encoding="utf-8")

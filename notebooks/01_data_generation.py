@@ -83,6 +83,9 @@ from transformers import AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained(base_model_path(work))
 stats = token_length_stats(tokenizer, conversations)
+counted = int(stats["count"])
+print(f"token lengths of {counted:,} of the {len(conversations):,} records"
+      + (f" (a sample: the first {counted:,}, enough for the statistics)" if counted < len(conversations) else ""))
 stats.to_frame().T
 
 # %% [markdown]

@@ -38,7 +38,7 @@ system = None              # system prompt for the table and the chat (None: not
 chat_max_new_tokens = 128  # the chat widget's starting settings (adjustable with its sliders)
 temperature = 0.0          # 0: greedy; > 0 samples
 top_p = 1.0                # nucleus sampling share, used when temperature > 0
-demo_messages = ["你是谁", "你好"]  # sent through the widget in headless runs, to show a conversation
+demo_messages = ["你是谁", "推荐一本书吧"]  # typed into the widget, the terminal chat and the web demo in headless runs
 contrast = True            # also train the over-fitted contrast adapter (identity only, no general chat; seconds on tiny)
 contrast_repeats = None    # identity records in the contrast data (None: twice notebook 01's)
 contrast_steps = None      # its updates (None: the preset's, as notebook 02)
@@ -79,7 +79,7 @@ print(require_verified(work.final_model, allow_unverified) or "final_model: veri
 # the count, that makes the difference here; on a real run with `epochs`, more repeats are more updates too.)
 
 # %%
-from helpers.contrast import overfitted_run
+from helpers.contrast import loss_comparison, overfitted_run
 from helpers.results import read_results
 
 overfitted = None
@@ -89,6 +89,7 @@ if contrast:
                                 repeats=contrast_repeats or 2 * data_results["identity_records"],
                                 preset=(read_results(work, "02_qlora_finetune") or {}).get("preset", "tiny"))
     print(f"contrast: {overfitted['steps']} updates on identity-only data, loss {overfitted['final_loss']:.3f}")
+    display(loss_comparison(work))
 
 # %% [markdown]
 # ## The before/after table
@@ -167,7 +168,8 @@ cost_table(cost)
 # Type a message and press Enter (or **Send**). The answer streams in token by token; earlier turns are
 # kept and sent along (multi-turn history); **Reset** starts over. The sliders set the answer length,
 # the temperature (0 = greedy) and top-p. In a headless run nobody types, so the cell after the widget
-# sends `demo_messages` through it, the same way the Send button does.
+# sends `demo_messages` through it, the same way the Send button does, each as a conversation of its own (Reset
+# before it: see below why).
 
 # %%
 from helpers.chat import GenerationSettings, chat_widget, load_chat_model
@@ -177,16 +179,18 @@ widget = chat_widget(model, tokenizer, system, GenerationSettings(chat_max_new_t
 widget
 
 # %%
+demo = []
 for message in demo_messages:
-    widget.ask(message)
-pd.DataFrame(widget.session.history)
+    widget.reset()
+    demo += [{"role": "user", "content": message}, {"role": "assistant", "content": widget.ask(message)}]
+pd.DataFrame(demo)
 
 # %% [markdown]
-# On the tiny model, read the second answer with care: the model was only ever trained on one question and
-# one answer at a time, so with the first turn in its context it often repeats the first answer instead of
-# answering the new question. A real chat model was trained on long conversations and follows them. The chat
-# keeps the newest turns that fit the model's context (`max_position_embeddings` positions, with room for the
-# answer) and says so when it leaves older ones out.
+# Why a Reset before each message: the tiny model was only ever trained on one question and one answer at a time,
+# so with an earlier turn in its context it often answers with a broken piece of that turn instead of the new
+# question (try it: type a second message without Reset). A real chat model was trained on long conversations and
+# follows them. The chat keeps the newest turns that fit the model's context (`max_position_embeddings` positions,
+# with room for the answer) and says so when it leaves older ones out.
 
 # %% [markdown]
 # ## Chat in the browser: the web demo
@@ -198,7 +202,28 @@ pd.DataFrame(widget.session.history)
 # %%
 from helpers.chat import web_demo_transcript
 
-web_demo_transcript(work.final_model, demo_messages[:1], system=system)
+web = web_demo_transcript(work.final_model, demo_messages[:1], system=system)
+web
+
+# %% [markdown]
+# ## Chat in a terminal
+# The course's `xtuner chat /root/ft/final_model --prompt-template internlm2_chat` is, here,
+# `python -m helpers chat WORK/final_model --prompt-template internlm2_chat` (the template is the one in the model's
+# tokenizer; the option is checked against it, and may be left out). A notebook cannot type into a terminal, so this
+# cell runs the command once with `demo_messages` typed in, `RESET` between them, then `EXIT`, and shows what the
+# terminal showed:
+
+# %%
+from helpers.terminal import terminal_transcript
+
+typed = [line for message in demo_messages for line in ("RESET", message)][1:]
+terminal = terminal_transcript(work.final_model, typed, "--prompt-template", "internlm2_chat", "--max-new-tokens",
+                               chat_max_new_tokens, *(["--unverified"] if allow_unverified else []))
+print(terminal)
+
+# %%
+save_results(work, "04_chat_demo", {**load_results(work, "04_chat_demo"), "chat_transcript": demo,
+                                    "web_transcript": web.to_dict(orient="records"), "terminal_transcript": terminal});
 
 # %% [markdown]
 # To open it in your browser, run in a terminal (from the kit's folder), then open http://localhost:8501:
@@ -210,7 +235,7 @@ web_demo_transcript(work.final_model, demo_messages[:1], system=system)
 # And in a terminal, as the course's `xtuner chat`:
 #
 # ```bash
-# python -m helpers chat work/final_model                  # streams; RESET clears the history, EXIT quits
+# python -m helpers chat work/final_model --prompt-template internlm2_chat  # streams; RESET clears the history, EXIT quits
 # python -m helpers chat work/model --adapter work/adapter  # base + adapter, before merging (notebook 03)
 # ```
 #

@@ -189,6 +189,22 @@ if app_remote_url:
                            message="Deploy the chat demo")
 print(f"app pushed: {app_push.commit} to {app_push.remote}" if app_push else "app push: not asked for")
 
+# %% [markdown]
+# ## What I learned (your part of the report)
+# The report ends with a section you write yourself: a few sentences on what worked, what surprised you, and what you
+# would do differently. Write them here, in your own words (a blank line starts a new paragraph).
+
+# %%
+### BEGIN SOLUTION
+what_i_learned = (  # a few sentences of your own for the report: what worked, what surprised you, what you would change
+    "LoRA trains two thin matrices beside each layer: the adapter is a few MB, and merged it is a plain model again.\n\n"
+    "Trained on its identity alone, the contrast answered every question with it (a 复读机); mixing general chat into "
+    "the data kept the other answers.\n\n"
+    "A merge is checked before it replaces anything, and a push to a folder on my own machine is practice, not a "
+    "publication."
+)
+### END SOLUTION
+
 # %%
 from helpers.fingerprint import current_sources
 from helpers.results import save_results
@@ -200,8 +216,22 @@ save_results(work, "06_publish", {
     "app_files": sorted(p.name for p in app.iterdir() if p.name != ".git"),
     "app_push": app_push.to_dict() if app_push else None,
     "practice_remote": bool(push) and remote_kind(push.remote)["transport"] == "local",  # a local push: not published
+    "what_i_learned": what_i_learned,
     "sources": current_sources(work, ("final_model",))});
 
 # %% [markdown]
-# To try the app here: `cd WORK/publish/app && streamlit run app.py`. The model card, the app and the
-# pushed commit are in `WORK/results/06_publish.json` and in the homework report.
+# ## The homework report
+# One page to hand in, in the course's order: who the assistant is and what made it, the identity arriving, the loss,
+# the chats (before/after, notebook, terminal, web demo), the over-fitting check beside the contrast, the merge, the
+# pictures, where the model went and what you learned; the bookkeeping (versions, hashes, settings) is folded away at
+# the end. `index.html` is the page (images inside it; Chinese and emoji drawn with the fonts it names), `index.md` its
+# Markdown twin. A headless run (`python -m helpers run`) builds it too, and `python -m helpers report WORK` again.
+
+# %%
+from helpers.report import build_report
+
+report = build_report(work.root)
+print(f"report: {report}\n        {report.with_name('index.md')}")
+
+# %% [markdown]
+# To try the app here: `cd WORK/publish/app && streamlit run app.py`.
