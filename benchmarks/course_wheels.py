@@ -61,6 +61,7 @@ def needed() -> dict[str, str]:
                 continue
             todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
     seen.setdefault("bitsandbytes", "0.50.2")  # not installed on a CPU-only machine; the GPU path needs it
+    seen.setdefault("liger-kernel", "0.8.5")  # the plan's fused layers (pyproject's [gpu] extra); triton is on the image
     return seen
 
 
