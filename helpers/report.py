@@ -187,7 +187,9 @@ HELD_IN = {"nf4": "4 bits, NF4 (QLoRA)", "none": "16/32 bits (plain LoRA)"}
 
 
 def _minutes(seconds) -> str:
-    return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if isinstance(seconds, (int, float)) else "?"
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def assistant_section(work: Work) -> Section:
@@ -513,8 +515,9 @@ def _html_block(block) -> str:
         return f"<p>{e(block[1])}</p>"
     if block[0] == "table":
         head = "".join(f"<th>{e(h)}</th>" for h in block[1])
+        head = f"<thead><tr>{head}</tr></thead>" if any(block[1]) else ""  # a key/value table needs no header
         body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<table>{head}<tbody>{body}</tbody></table>"
     if block[0] == "pre":
         return f"<pre>{e(block[1])}</pre>"
     return f'<img src="{_data_uri(block[1])}" alt="{e(block[2])}">'

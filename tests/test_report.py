@@ -13,7 +13,8 @@ from helpers.__main__ import main
 from helpers.paths import work as make_work
 from helpers.report import build_report
 
-SECTIONS = ["environment", "data", "training", "evaluation", "merge", "before-after", "cost", "vlm", "publish"]
+SECTIONS = ["assistant", "evaluation", "training", "before-after", "overfitting", "cost", "merge", "vlm", "publish",
+            "learned", "appendix"]  # the course's order; the bookkeeping last
 
 
 def _chromium(window=(1200, 900)):
@@ -59,7 +60,10 @@ def test_report_renders_in_headless_chromium(course_work, artifacts_dir):
         assert "PASSED" in driver.find_element("id", "merge").text
         images = driver.execute_script(
             "return [...document.images].map(i => [i.closest('section').id, i.complete && i.naturalWidth])")
-        assert {sid for sid, width in images if width > 0} == {"training", "vlm"}, images
+        assert sorted(sid for sid, width in images if width > 0) == ["overfitting", "training", "vlm", "vlm"], images
+        # the bookkeeping is there, folded: a reader sees the title, not the hashes
+        assert driver.execute_script("return document.querySelector('#appendix details').open") is False
+        assert "data_sha256" not in body and "data_sha256" in page
         # Chinese is drawn with a CJK font that is really there, not with empty boxes.
         assert driver.execute_script("return document.fonts.check('16px \"Noto Sans CJK SC\"', '小助手')")
         font = driver.execute_script("return getComputedStyle(document.body).fontFamily")
@@ -77,11 +81,12 @@ def test_report_renders_in_headless_chromium(course_work, artifacts_dir):
 def test_markdown_twin_links_its_images(course_work):
     build_report(course_work.root)
     md = (course_work.report / "index.md").read_text(encoding="utf-8")
-    for sid in ("Environment", "Data", "Evaluation outputs per step", "Merge check", "Before / after (LLM)",
-                "Before / after (VLM)", "Publish"):
-        assert f"## {sid}" in md
+    titles = ["Who the assistant is", "The identity arriving: evaluation across training", "Training loss",
+              "Before / after (LLM)", "Over-fitting check, with the contrast", "What the fine-tune cost", "Merge check",
+              "Before / after (VLM)", "Where it was published", "What I learned", "Appendix: bookkeeping"]
+    assert re.findall(r"^## (.*)$", md, re.M) == titles  # the course's order
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(linked) == ["training.png", "vlm.png"]
+    assert sorted(linked) == ["overfitting.png", "training.png", "vlm-2.png", "vlm.png"]
     assert all((course_work.report / f).stat().st_size > 0 for f in linked)
 
 
@@ -95,13 +100,13 @@ def test_missing_sections_say_not_run(course_work, tmp_path):
     work.result("03_merge").write_text("{ not json", encoding="utf-8")
     build_report(work.root)
     page = (work.report / "index.html").read_text(encoding="utf-8")
-    for sid in ("environment", "data"):
+    for sid in ("assistant", "appendix"):
         assert f'<section id="{sid}" class="ran">' in page
-    for sid in ("training", "evaluation", "merge", "before-after", "vlm", "publish"):
+    for sid in ("training", "evaluation", "merge", "before-after", "overfitting", "vlm", "publish", "learned"):
         assert f'<section id="{sid}" class="not-run-section">' in page
     assert "not run: notebook 02_qlora_finetune has not written results/02_qlora_finetune.json" in page
     assert "not run: 03_merge.json could not be read (JSONDecodeError)" in page
-    assert "2 of 8 sections ran" in page
+    assert "2 of 11 sections ran" in page
     md = (work.report / "index.md").read_text(encoding="utf-8")
     assert "*not run: notebook 06_publish has not written results/06_publish.json" in md
 
@@ -109,7 +114,7 @@ def test_missing_sections_say_not_run(course_work, tmp_path):
 def test_an_empty_work_dir_gives_a_report_of_not_run_sections(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert page.count("not-run-section") == len(SECTIONS) and "0 of 9 sections ran" in page
+    assert page.count("not-run-section") == len(SECTIONS) and "0 of 11 sections ran" in page
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -158,4 +163,78 @@ def test_a_push_to_a_local_remote_is_called_practice(course_work):
 def test_the_report_names_the_base_model_by_content(course_work):
     identity = json.loads(course_work.result("00_environment").read_text(encoding="utf-8"))["base_model_identity"]
     md = (course_work.report / "index.md").read_text(encoding="utf-8")
-    assert identity["content_sha256"] in md and "preset (notebook 02)" in md
+    assert identity["content_sha256"] in md and "| preset | tiny |" in md
+
+
+def test_the_report_reads_as_the_course_went(course_work):
+    """Who the assistant is and what made it, the chats of notebook 04 (notebook, terminal, web demo), the over-fitting
+    check beside the contrast, both pictures, where the model went, and the student's own words."""
+    build_report(course_work.root)
+    md = (course_work.report / "index.md").read_text(encoding="utf-8")
+    section = {m.group(1): m.group(2) for m in re.finditer(r"^## (.*?)\n(.*?)(?=^## |\Z)", md, re.M | re.S)}
+    train = json.loads(course_work.result("02_qlora_finetune").read_text(encoding="utf-8"))
+    who = section["Who the assistant is"]
+    assert "小明's assistant. Asked who it is, it should answer: 我是小明的小助手" in who
+    assert f"| updates (optimizer steps) | {train['steps']} |" in who and "| training time | " in who
+    assert "| GPU | none: trained on the CPU" in who and "| preset | tiny |" in who
+    chats = section["Before / after (LLM)"]
+    assert "--prompt-template internlm2_chat" in chats and "用户 >>> 你是谁\n助手 >>> 我是小明的小助手" in chats
+    assert "In the web demo" in chats and "In the notebook's chat widget" in chats
+    over = section["Over-fitting check, with the contrast"]
+    assert "The mixed run (final_model): identity in" in over and "OVER-FITTED" in over
+    assert "| question | after | over-fitted | reference |" in over
+    assert "control picture, after" in section["Before / after (VLM)"]
+    assert section["Where it was published"].strip().startswith("Practice remote, not published")
+    learned = json.loads(course_work.result("06_publish").read_text(encoding="utf-8"))["what_i_learned"]
+    assert learned.split("\n\n")[0] in section["What I learned"]
+    appendix = section["Appendix: bookkeeping"].strip()
+    assert appendix.startswith("<details><summary>") and "data_sha256" in appendix
+
+
+def test_what_i_learned_unwritten_says_where_to_write_it(tmp_path):
+    work = make_work(tmp_path)
+    work.results.mkdir()
+    work.result("06_publish").write_text(json.dumps({"what_i_learned": "  "}), encoding="utf-8")
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "index.md").read_text(encoding="utf-8")
+    assert "Not written yet: write it in notebook 06's homework region (what_i_learned)" in md
+    work.result("06_publish").write_text(json.dumps({"what_i_learned": "第一段 <b>\n\n第二段 🦊"}), encoding="utf-8")
+    build_report(tmp_path)
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "<p>第一段 &lt;b&gt;</p><p>第二段 🦊</p>" in page
+
+
+def test_a_name_with_emoji_and_chinese_renders(tmp_path):
+    """The page names an emoji font after the CJK ones; where the machine has one, the browser draws the emoji."""
+    import subprocess
+
+    from helpers.report import CSS, EMOJI_FONTS
+
+    assert '"Noto Color Emoji"' in EMOJI_FONTS and EMOJI_FONTS in CSS.split("body {")[1].split("}")[0]
+    work = make_work(tmp_path)
+    work.results.mkdir()
+    work.result("01_data_generation").write_text(json.dumps({"name": "小明🦊", "answer": "我是小明🦊的小助手"}),
+                                                 encoding="utf-8")
+    build_report(tmp_path)
+    fonts = subprocess.run(["fc-list", ":charset=1f98a", "family"], capture_output=True, text=True).stdout
+    if "Noto Color Emoji" not in fonts:
+        pytest.skip("no colour emoji font on this machine (Debian: fonts-noto-color-emoji)")
+    driver, profile = _chromium()
+    try:
+        driver.get((tmp_path / "report" / "index.html").as_uri())
+        assert "小明🦊's assistant" in driver.find_element("tag name", "h1").text
+        assert driver.execute_script("return document.fonts.check('16px \"Noto Color Emoji\"', '🦊')")
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_the_metrics_table_reads_as_seconds_and_passes():
+    from helpers.report import metrics_table
+
+    rows = [{"step": 5, "loss": 2.0, "lr": 1e-3, "epoch": 0.0083, "time": 1796586000.5},
+            {"step": 10, "loss": 1.0, "lr": 2e-3, "epoch": 0.0167, "time": 1796586003.0}]
+    table = metrics_table(rows)
+    assert list(table.index) == [5, 10]
+    assert table["seconds since the first log"].tolist() == [0.0, 2.5]
+    assert table["passes over the data"].tolist() == [0.0083, 0.0167] and "time" not in table and "epoch" not in table
