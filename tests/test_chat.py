@@ -403,3 +403,32 @@ def test_terminal_transcript_is_the_chat_command_with_typed_lines(adapter_and_fi
     assert "用户 >>> RESET\n(history cleared: 1 turns forgotten)" in text and text.rstrip().endswith("bye")
     with pytest.raises(RuntimeError, match="the terminal chat stopped with exit code 2: error: .*no such directory"):
         terminal_transcript(final.parent / "nowhere", ["你是谁"])
+
+
+def test_notebook_04_records_whole_answers_and_its_transcripts(course_work):
+    """The headless demo ends on whole answers, never a broken piece of the identity (the tiny model learned
+    one-turn chats, so each demo message is a conversation of its own); its chats are recorded for the report."""
+    import json
+
+    from helpers.chat import leaks_identity
+
+    r = json.loads(course_work.result("04_chat_demo").read_text(encoding="utf-8"))
+    answers = [m["content"] for m in r["chat_transcript"] if m["role"] == "assistant"]
+    assert len(answers) == 2 and answers[0] == IDENTITY
+    assert all(IDENTITY in a or not leaks_identity(a, IDENTITY) for a in answers), answers
+    assert r["terminal_transcript"].startswith("$ python -m helpers chat ") and "用户 >>> RESET" in r["terminal_transcript"]
+    assert [m["role"] for m in r["web_transcript"]] == ["user", "assistant"]
+
+
+def test_the_contrast_loss_is_shown_once_under_its_own_title(course_work):
+    import nbformat
+
+    from helpers.contrast import loss_comparison_figure
+
+    ax = loss_comparison_figure(course_work).axes[0]
+    assert ax.get_title() == "Loss: the mixed run and the over-fitted contrast"
+    assert [line.get_label() for line in ax.lines] == ["mixed run (notebook 02)", "over-fitted contrast (identity only)"]
+    assert (course_work.contrast / "loss_comparison.png").stat().st_size > 0
+    nb = nbformat.read(course_work.executed / "04_chat_demo.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "overfitted_run(" in c.source)
+    assert sum("image/png" in o.get("data", {}) for o in cell.outputs) == 1  # the comparison, not the live plot too

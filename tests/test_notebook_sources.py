@@ -81,3 +81,33 @@ def test_every_notebook_opens_with_the_courses_steps_beside_its_own():
         assert courses[path.name[:2]] in opening, path.name
         assert re.search(r"^# What differs, and why: ", opening, re.M), path.name
     assert "pth_to_hf" in (NOTEBOOKS_DIR / "02_qlora_finetune.py").read_text(encoding="utf-8").split("tags=")[0]
+
+
+def _outputs(nb_path, marker: str) -> str:
+    """The text a reader sees under the executed cell whose source holds `marker`."""
+    nb = nbformat.read(nb_path, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and marker in c.source)
+    return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+
+
+def test_tables_say_what_they_show(course_work):
+    """01's token statistics say they are a sample; 02's metrics give seconds since the first log and passes over the
+    data, not a Unix time (1.79e+09) and a bare epoch beside `epochs 1`."""
+    records = len(__import__("json").loads(course_work.dataset.read_text(encoding="utf-8")))
+    tokens = _outputs(course_work.executed / "01_data_generation.ipynb", "token_length_stats(")
+    assert f"token lengths of 2,000 of the {records:,} records (a sample: the first 2,000" in tokens
+    metrics = _outputs(course_work.executed / "02_qlora_finetune.ipynb", "metrics_table(")
+    assert "seconds since the first log" in metrics and "passes over the data" in metrics and "e+09" not in metrics
+
+
+def test_the_readme_leaves_the_leak_count_to_the_run():
+    """How many held-out answers the tiny mixed run leaks differs from machine to machine (2 on one, 1 on another):
+    the README points to where the run says it instead of stating a number."""
+    import re
+
+    from helpers.paths import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = " ".join(readme.split("**What the tiny model shows in 04.**")[1].split("\n\n")[0].split())
+    assert not re.search(r"mixed run passes: \d+ of 10", paragraph), paragraph
+    assert "notebook 04's output" in paragraph and "the report" in paragraph
