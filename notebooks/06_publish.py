@@ -192,7 +192,7 @@ print(f"app pushed: {app_push.commit} to {app_push.remote}" if app_push else "ap
 # %% [markdown]
 # ## What I learned (your part of the report)
 # The report ends with a section you write yourself: a few sentences on what worked, what surprised you, and what you
-# would do differently. Write them here, in your own words (a blank line starts a new paragraph).
+# would do differently. Write them here, in your own words, as one text (`"\n\n"` in it starts a new paragraph).
 
 # %%
 ### BEGIN SOLUTION
