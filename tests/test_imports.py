@@ -12,19 +12,23 @@ TOOLING = ["runner", "classroom", "homework", "report", "notebooks", "progress",
 
 
 def import_graph() -> dict[str, set[str]]:
-    """helpers module -> the helpers modules it imports anywhere in its text."""
-    modules = {p.stem for p in HELPERS.glob("*.py")}
+    """helpers module -> the helpers modules it imports anywhere in its text; a package (helpers/train/) is one
+    module, its files' imports of each other left out."""
+    sources = {p.stem: [p] for p in HELPERS.glob("*.py")}
+    sources |= {d.name: sorted(d.glob("*.py")) for d in HELPERS.iterdir() if (d / "__init__.py").exists()}
     graph = {}
-    for path in HELPERS.glob("*.py"):
+    for name, paths in sources.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helpers."):
-                deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
-        graph[path.stem] = (deps & modules) - {path.stem}
+        for path in paths:
+            up = 1 if path.parent == HELPERS else 2  # the level of `from .x` / `from ..x` that means helpers.x
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level == up:
+                    deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helpers."):
+                    deps.add(node.module.split(".")[1])
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
+        graph[name] = (deps & set(sources)) - {name}
     return graph
 
 

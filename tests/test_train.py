@@ -70,7 +70,9 @@ def test_packing_fills_rows_and_keeps_every_trained_token(tiny, tmp_path):
     first_tokens_trained = sum(s["labels"][0] != -100 for s in samples)
     assert trained(rows) == trained(samples) - first_tokens_trained
     padded = Collator(tok.pad_token_id)(rows[-2:])  # a short row is padded with a block of its own
-    assert padded["input_ids"].shape[1] == max(len(r["input_ids"]) for r in rows[-2:])
+    width = max(len(r["input_ids"]) for r in rows[-2:])
+    assert padded["labels"].shape == (2, width) and padded["input_ids"].shape == (1, 2 * width)
+    assert padded["keep"].numel() == trained(rows[-2:])  # every trained token is a target, no padding is
 
 
 # ---------------------------------------------------------------- bad input, one sentence each
@@ -79,9 +81,15 @@ def _config(**kw):
     return TrainConfig(**(base | kw)).resolved()
 
 
+def _load(config, path):
+    from helpers.train import make_plan
+
+    return load_model_for_training(config, make_plan(config), path)
+
+
 def test_unknown_target_modules(tiny_model_dir):
     with pytest.raises(TrainConfigError, match=r"target_modules names \['wqkv'\].*q_proj"):
-        load_model_for_training(_config(target_modules=["wqkv"]), str(tiny_model_dir))
+        _load(_config(target_modules=["wqkv"]), str(tiny_model_dir))
 
 
 def test_max_length_shorter_than_every_sample(tiny, tmp_path):
@@ -110,13 +118,13 @@ def test_model_dir_without_weights(tiny_model_dir, tmp_path):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(ModelPathError, match="no weights"):
-        load_model_for_training(_config(), str(broken))
+        _load(_config(), str(broken))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_4bit_without_cuda(tiny_model_dir):
     with pytest.raises(TrainConfigError, match="quantization='nf4' needs a CUDA GPU"):
-        load_model_for_training(_config(quantization="nf4"), str(tiny_model_dir))
+        _load(_config(quantization="nf4"), str(tiny_model_dir))
 
 
 def test_resume_without_checkpoint(tiny_model_dir, tmp_path):
