@@ -662,6 +662,8 @@ def upload_to_hub(repo_dir: str | os.PathLike, repo_id: str, token: str | None =
 
 # ------------------------------------------------------------------ the app bundle
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"  # torch without the CUDA libraries (~0.2 GB, not ~3 GB)
+# The install time the app's README gives: tests/test_app_bundle.py measures it (test-artifacts/app_install.json).
+APP_INSTALL = TEMPLATES / "app_install.json"
 
 
 def _pinned(names: list[str], device: str = "cpu") -> list[str]:
@@ -763,6 +765,7 @@ def build_app_bundle(work: Work, model_repo_url: str, title: str = "我的小助
 
         (tmp / "README.md").write_text(readme.render(title=title, url=url, revision=revision, device=device,
                                                      footprint=install_footprint(APP_REQUIREMENTS),
+                                                     install=json.loads(APP_INSTALL.read_text(encoding="utf-8")),
                                                      streamlit_version=version("streamlit"),
                                                      python_version=f"{sys.version_info.major}.{sys.version_info.minor}"),
                                        encoding="utf-8")

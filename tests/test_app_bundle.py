@@ -312,3 +312,59 @@ def test_app_shows_a_generation_error_and_keeps_it_out_of_the_history(pushed, tm
     assert not at.exception and len(at.error) == 1
     assert at.error[0].value.startswith("The model could not answer (RuntimeError: CUDA out of memory.")
     assert at.session_state["history"] == []
+
+
+# ---------------------------------------------------------------- the build as a platform runs it, timed
+FRESH_VENV_CHAT = """
+import json, sys
+from streamlit.testing.v1 import AppTest
+
+at = AppTest.from_file("app.py", default_timeout=600).run()
+if at.chat_input:
+    at.chat_input[0].set_value(sys.argv[1]).run()
+print(json.dumps({"problems": [e.value for e in at.error] + [str(e.value) for e in at.exception],
+                  "title": at.title[0].value if at.title else None,
+                  "caption": at.caption[-1].value if at.caption else None,
+                  "answer": at.chat_message[1].markdown[0].value if len(at.chat_message) > 1 else None},
+                 ensure_ascii=False))
+"""
+
+
+def test_the_app_installs_into_a_fresh_venv_starts_and_answers(pushed, tmp_path, artifacts_dir):
+    """What a platform does: a new virtual environment, `pip install -r requirements.txt`, then the app, which
+    fetches the model, names the commit it serves and answers. The install is timed; the figure the README gives
+    (helpers/templates/app_install.json) is this test's measurement, which it writes to test-artifacts/."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.generation import generate_answers
+
+    w, _, result = pushed
+    app = deploy_copy(w.app, tmp_path / "deployed")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    start = time.monotonic()
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", "requirements.txt"], cwd=app,
+                         capture_output=True, text=True, timeout=3600)
+    seconds = time.monotonic() - start
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    measured = {"seconds": round(seconds), "where": f"{os.cpu_count()} cores, Python {sys.version_info.major}."
+                f"{sys.version_info.minor}, packages from the machine's own package index"}
+    (artifacts_dir / "app_install.json").write_text(json.dumps(measured) + "\n", encoding="utf-8")
+    print(f"\napp install into a fresh venv: {seconds:.0f} s")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "PYTHON", "VIRTUAL_ENV"))}
+    ran = subprocess.run([str(venv / "bin" / "python"), "-c", FRESH_VENV_CHAT, "请你介绍一下你自己"], cwd=app, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    page = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert page["problems"] == [] and page["title"] == "测试助手"
+    assert f"serving commit {result.commit[:12]}" in page["caption"]
+    model = AutoModelForCausalLM.from_pretrained(w.final_model)
+    expected = generate_answers(model, AutoTokenizer.from_pretrained(w.final_model), ["请你介绍一下你自己"])[0]
+    assert page["answer"].strip() == expected
+    readme = (app / "README.md").read_text(encoding="utf-8")
+    recorded = json.loads(publish.APP_INSTALL.read_text(encoding="utf-8"))
+    assert f"took {recorded['seconds']} s ({recorded['where']})" in readme
+    assert "## When a build hangs or fails" in readme and "pointer files" in readme and "serving commit" in readme
