@@ -145,6 +145,7 @@ def _ranks_average_through_the_wrapper(out_dir: str) -> None:
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
+    torch.set_num_threads(1)  # a forked rank must not enter the parent's OpenMP pool (it would wait forever)
     model = _tiny_packed_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = _packed_batch(state.process_index)  # each rank its own rows

@@ -294,3 +294,15 @@ def test_the_benchmarks_kit_recipe_is_notebook_02s_train(monkeypatch, tmp_path):
     assert (config.batch_size, config.gradient_accumulation, config.max_length, config.max_steps) == (4, 1, 2048, 5)
 
 
+
+
+def test_the_one_private_member_the_engine_writes_still_works(tmp_path):
+    """trainer.training_arguments sets TrainingArguments._n_gpu = 1 (one process, one GPU: several GPUs go through
+    num_gpus, never DataParallel); a transformers upgrade that renames it must fail here, saying what to change."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert hasattr(args, "_n_gpu"), ("transformers no longer has TrainingArguments._n_gpu: change "
+                                     "helpers/train/trainer.py's training_arguments to its new way of keeping n_gpu 1")
+    args._n_gpu = 1
+    assert args.n_gpu == 1, "TrainingArguments.n_gpu no longer reads _n_gpu: change helpers/train/trainer.py"
