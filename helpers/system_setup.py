@@ -29,10 +29,13 @@ PACKAGES = {
     "git": {"apt": ["git"], "conda": ["git"], "brew": ["git"]},
     "git-lfs": {"apt": ["git-lfs"], "conda": ["git-lfs"], "brew": ["git-lfs"]},
     "a CJK font": {"apt": ["fonts-noto-cjk"], "conda": ["font-ttf-noto-cjk"], "brew": ["--cask", "font-noto-sans-cjk-sc"]},
+    "an emoji font": {"apt": ["fonts-noto-color-emoji"], "conda": ["font-ttf-noto-emoji"],
+                      "brew": ["--cask", "font-noto-color-emoji"]},
     "chromium + chromedriver": {"apt": ["chromium", "chromium-driver"]},
 }
-PROFILES = {"run": ["python3-venv", "git", "git-lfs", "a CJK font"],
-            "test": ["python3-venv", "git", "git-lfs", "a CJK font", "chromium + chromedriver"]}
+PROFILES = {"run": ["python3-venv", "git", "git-lfs", "a CJK font", "an emoji font"],
+            "test": ["python3-venv", "git", "git-lfs", "a CJK font", "an emoji font", "chromium + chromedriver"]}
+EMOJI_FONT_GLOBS = ["*NotoColorEmoji*", "*Apple Color Emoji*", "*seguiemj*"]  # the report draws emoji with them
 
 
 def cjk_font_files() -> list[str]:
@@ -59,6 +62,9 @@ def present(item: str) -> bool:
         return shutil.which("git") is not None and _works("git", "lfs", "version")
     if item == "a CJK font":
         return bool(cjk_font_files())
+    if item == "an emoji font":
+        return any(glob.glob(os.path.join(d, "**", pattern), recursive=True)
+                   for d in FONT_DIRS if os.path.isdir(d) for pattern in EMOJI_FONT_GLOBS)
     if item == "chromium + chromedriver":
         return os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")
     raise KeyError(item)
@@ -118,11 +124,12 @@ def setup(profile: str = "run") -> int:
         subprocess.run(how[2] + [p for i in installable for p in PACKAGES[i][how[0]]], env=env, stdout=subprocess.DEVNULL)
     if "git-lfs" in missing and present("git-lfs"):
         _works("git", "lfs", "install", "--skip-repo")
-    if "a CJK font" in missing and present("a CJK font"):
+    if any(font in missing and present(font) for font in ("a CJK font", "an emoji font")):
         refresh_font_caches()
     still = [item for item in missing if not present(item)]
     if still:
-        print(f"error: this machine lacks {' and '.join(still)} (needed for "
+        names = f"{', '.join(still[:-1])} and {still[-1]}" if len(still) > 1 else still[0]
+        print(f"error: this machine lacks {names} (needed for "
               f"{'the tests' if still == ['chromium + chromedriver'] else 'the course'}) and the set-up could not "
               f"install {'it' if len(still) == 1 else 'them'}; run `{install_hint(still)}`, then try again.",
               file=sys.stderr)

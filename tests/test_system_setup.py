@@ -33,13 +33,13 @@ def test_where_nothing_can_install_it_stops_at_once_naming_what_and_how(tmp_path
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("error: this machine lacks git-lfs and a CJK font")
-    assert "apt-get install git-lfs fonts-noto-cjk`" in r.stderr
+    assert r.stderr.startswith("error: this machine lacks git-lfs, a CJK font and an emoji font")
+    assert "apt-get install git-lfs fonts-noto-cjk fonts-noto-color-emoji`" in r.stderr
 
 
 def test_an_installer_is_used_and_then_checked(monkeypatch):
     calls = []
-    have = {"python3-venv": True, "git": True, "git-lfs": False, "a CJK font": False}
+    have = {"python3-venv": True, "git": True, "git-lfs": False, "a CJK font": False, "an emoji font": True}
     monkeypatch.setattr(system_setup, "present", lambda item: have[item])
     monkeypatch.setattr(system_setup, "installer", lambda: ("conda", [], ["conda", "install", "-y"]))
 
