@@ -52,9 +52,10 @@ def _task_specs(tasks: list[str]):
 
 
 def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | None = None, system: str = "",
-                    batch_size: int = 8) -> dict[str, float]:
+                    batch_size: int = 8, model=None, tokenizer=None) -> dict[str, float]:
     """Accuracy per task through lm-eval's Python API: the `hf` backend on `model_dir`, with the PEFT adapter on
-    top when one is given, answers in the model's chat template (with the trained system prompt)."""
+    top when one is given (or on `model` and `tokenizer`, already loaded), answers in the model's chat template
+    (with the trained system prompt)."""
     import contextlib
     import io
     import logging
@@ -72,9 +73,14 @@ def multiple_choice(model_dir, adapter=None, tasks=(COURSE_TASK,), limit: int | 
         if _has_tokenizer(Path(adapter)):  # the tokenizer training saved (its chat template), as chat loads it
             model_args["tokenizer"] = str(adapter)
     specs, manager = _task_specs(list(tasks))
+    backend = {"model": "hf", "model_args": model_args}
+    if model is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        backend = {"model": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)}
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's per-stage progress bars; errors still raise
-            out = simple_evaluate(model="hf", model_args=model_args, tasks=specs, task_manager=manager, limit=limit,
+            out = simple_evaluate(**backend, tasks=specs, task_manager=manager, limit=limit,
                                   batch_size=batch_size, apply_chat_template=True,
                                   system_instruction=system or None, log_samples=False, verbosity="ERROR")
     except (ConnectionError, OSError) as e:
@@ -117,33 +123,33 @@ def identity_share(answers: list[str], name: str) -> float:
     return sum(name in a for a in answers) / len(answers) if answers else 0.0
 
 
-def measure(model_dir, adapter, *, name: str, identity: str, system: str, tasks, limit) -> dict:
-    """One model's row: multiple-choice accuracy per task, held-out chat loss, and the identity on held-out
-    paraphrases (and, for 'it answers everything with its identity', on held-out general questions)."""
+def measure(models, label: str, *, name: str, identity: str, system: str, tasks, limit) -> dict:
+    """One model's row (`label`: "base", "adapter" or "final_model" of `models`, loaded once): multiple-choice
+    accuracy per task, held-out chat loss, and the identity on held-out paraphrases (and, for 'it answers
+    everything with its identity', on held-out general questions)."""
     from .chat import general_questions, leaks_identity
     from .generation import generate_answers
     from .homework import PARAPHRASES
-    from .merge import load_model, load_tokenizer
 
-    row = {f"accuracy: {task}": acc for task, acc in
-           multiple_choice(model_dir, adapter, tasks, limit=limit, system=system).items()}
-    model, tokenizer = load_model(model_dir, adapter), load_tokenizer(model_dir, adapter)
-    row["held-out chat loss"] = heldout_chat_loss(model, tokenizer, system)
-    asked = generate_answers(model, tokenizer, PARAPHRASES, system=system,
-                             max_new_tokens=IDENTITY_QUESTIONS_MAX_NEW_TOKENS)
+    with models.use(label) as (model, tokenizer):
+        row = {f"accuracy: {task}": acc for task, acc in
+               multiple_choice(None, tasks=tasks, limit=limit, system=system, model=model, tokenizer=tokenizer).items()}
+        row["held-out chat loss"] = heldout_chat_loss(model, tokenizer, system)
+        asked = generate_answers(model, tokenizer, PARAPHRASES, system=system,
+                                 max_new_tokens=IDENTITY_QUESTIONS_MAX_NEW_TOKENS, label="evaluation")
+        general = generate_answers(model, tokenizer, [g["input"] for g in general_questions()], system=system,
+                                   max_new_tokens=IDENTITY_QUESTIONS_MAX_NEW_TOKENS, label="evaluation")
     row["identity on held-out paraphrases"] = identity_share(asked, name)
-    general = generate_answers(model, tokenizer, [g["input"] for g in general_questions()], system=system,
-                               max_new_tokens=IDENTITY_QUESTIONS_MAX_NEW_TOKENS)
     row["identity leaks into general questions"] = sum(leaks_identity(a, identity) for a in general) / len(general)
-    del model
     return row
 
 
 def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, allow_unverified: bool = False,
-                   save: bool = True) -> dict:
+                   save: bool = True, models=None) -> dict:
     """Base, base + adapter and final_model measured the same way (see `measure`); saved as
     WORK/results/evaluation.json for the report and the model card. `tasks`: the kit's task and/or lm-eval
-    benchmark subsets (those need the network once); `limit`: questions per task (None: all)."""
+    benchmark subsets (those need the network once); `limit`: questions per task (None: all); `models`: the
+    notebook's models already loaded (chat.load_course_models with WORK/adapter named "adapter"), else loaded here."""
     from tqdm.auto import tqdm
 
     from .base_model import base_model_path
@@ -164,10 +170,13 @@ def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, a
     warning = require_verified(work.final_model, allow_unverified)
     base = base_model_path(work)
     system = trained_system_prompt(work.final_model, work.adapter) or ""  # as training asked, like `helpers chat`
-    models = dict(zip(MODELS, ((base, None), (base, work.adapter), (work.final_model, None))))
+    if models is None:
+        from .chat import load_course_models
+
+        models = load_course_models(base, work.final_model, {"adapter": work.adapter})
     rows = {}
-    for label, (model_dir, adapter) in tqdm(models.items(), desc="evaluating", file=sys.stdout):
-        rows[label] = measure(model_dir, adapter, name=data["name"], identity=data["answer"], system=system,
+    for label, which in tqdm(list(zip(MODELS, ("base", "adapter", "final_model"))), desc="evaluating", file=sys.stdout):
+        rows[label] = measure(models, which, name=data["name"], identity=data["answer"], system=system,
                               tasks=tasks, limit=limit)
     result = {"models": rows, "tasks": tasks, "limit": limit, "system": system, "name": data["name"],
               "unverified": warning, "sources": current_sources(work, ("adapter", "final_model"))}

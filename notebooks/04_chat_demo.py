@@ -52,7 +52,7 @@ import pandas as pd
 
 import helpers
 from helpers.base_model import base_model_path
-from helpers.chat import before_after, general_questions, overfitting_check
+from helpers.chat import before_after, general_questions, load_course_models, overfitting_check
 from helpers.fingerprint import current_sources
 from helpers.merge import require_verified
 from helpers.xtuner import import_adapter
@@ -97,11 +97,19 @@ if contrast:
 # the fine-tune. The **general** questions are held out: they are in no training data (not in notebook 01's
 # mix, not in the tiny model's pre-training), so what the models say there is what they generalise to.
 # `after` is the mixed run (`final_model`), `over-fitted` the contrast; `reference` is a correct answer.
+#
+# Each model is loaded once for the whole notebook: the base model with both adapters on top (notebook 02's and the
+# contrast's, switched by name; peft's `disable_adapter()` turns them off for the base itself) and `final_model`.
+# Each column's questions are answered together in one batch (left padding, so every question keeps its own
+# positions). In float32, as on the CPU, every answer is token for token the one a single question gets; in bf16 on a
+# GPU a padded row's sums can round differently and, rarely, turn a near tie to another token.
 
 # %%
+models = load_course_models(base_model_path(work), work.final_model,
+                            {"adapter": work.adapter, "over-fitted": work.contrast / "adapter" if overfitted else None})
 table = before_after(base_model_path(work), work.final_model, evaluation_inputs, general_questions(general_count),
                      system=system, max_new_tokens=max_new_tokens,
-                     overfitted_adapter=work.contrast / "adapter" if overfitted else None)
+                     overfitted_adapter=work.contrast / "adapter" if overfitted else None, models=models)
 table
 
 # %% [markdown]
@@ -153,7 +161,8 @@ save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max
 # %%
 from helpers.evaluate import cost_table, fine_tune_cost
 
-cost = fine_tune_cost(work, evaluation_tasks, evaluation_limit, allow_unverified)
+cost = fine_tune_cost(work, evaluation_tasks, evaluation_limit, allow_unverified, models=models)
+models.free("base")  # the chats below need final_model alone
 cost_table(cost)
 
 # %% [markdown]
@@ -172,9 +181,9 @@ cost_table(cost)
 # before it: see below why).
 
 # %%
-from helpers.chat import GenerationSettings, chat_widget, load_chat_model
+from helpers.chat import GenerationSettings, chat_widget
 
-model, tokenizer = load_chat_model(work.final_model)
+model, tokenizer = models.final, models.tokenizers["final_model"]  # loaded once, above
 widget = chat_widget(model, tokenizer, system, GenerationSettings(chat_max_new_tokens, temperature, top_p))
 widget
 
