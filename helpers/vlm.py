@@ -155,6 +155,13 @@ def load_vlm(path: str | os.PathLike, dtype=None, quantization_config=None):
     return model, AutoProcessor.from_pretrained(path)
 
 
+def load_vlm_processor(path: str | os.PathLike):
+    """The processor (tokenizer, image processor, chat template) of a saved LLaVA folder, without its weights."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(check_model_dir(path))
+
+
 def image_prompt(processor, question: str, system: str = "", history: list[dict] | None = None,
                  with_image: bool = True) -> str:
     """The chat-template text for one question about the image (the image goes in the first user turn)."""

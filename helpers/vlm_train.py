@@ -330,11 +330,12 @@ def load_adapter_vlm(work: Work):
     return PeftModel.from_pretrained(model, str(work.vlm_adapter)), processor
 
 
-def merge_vlm(work: Work) -> Path:
-    """aligned model + adapter (LoRA and projector) -> one plain LLaVA in WORK/vlm/final_model."""
+def merge_vlm(work: Work, adapter_vlm=None) -> Path:
+    """aligned model + adapter (LoRA and projector) -> one plain LLaVA in WORK/vlm/final_model. adapter_vlm: the
+    (model, processor) load_adapter_vlm gave, already in memory (merged in place: not usable afterwards)."""
     import torch
 
-    model, processor = load_adapter_vlm(work)
+    model, processor = adapter_vlm or load_adapter_vlm(work)
     merged = model.merge_and_unload()
     merged.to(torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
     record = work.vlm_adapter / "training_record.json"

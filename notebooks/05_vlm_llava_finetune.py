@@ -62,7 +62,7 @@ from IPython.display import Image, display
 import helpers
 from helpers.progress import quiet_libraries
 from helpers.results import save_results
-from helpers.vlm import answer_about_image, load_vlm, prepare_vlm
+from helpers.vlm import answer_about_image, load_vlm, load_vlm_processor, prepare_vlm
 from helpers.vlm_data import (CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, draw_control_picture, make_llava_data,
                               preset_conversations, scripted_qa, validate_llava_data)
 from helpers import vlm_train as vt
@@ -111,7 +111,7 @@ summary = {name: validate_llava_data(files[name]) for name in ("captions", "conv
 # run of image positions is shown once, with its count:
 
 # %%
-_, processor = load_vlm(work.vlm_base_model)
+processor = load_vlm_processor(work.vlm_base_model)  # the tokenizer and image processor; no weights needed
 vt.show_llava_loss_mask(processor, files["conversations"])
 
 # %% [markdown]
@@ -126,7 +126,8 @@ if pretrained_projector:
     stage1 = vt.use_pretrained_projector(work, pretrained_projector, files["image"], ["请描述这张图片。"], system)
 elif 1 in stages:
     config1 = vt.stage_config(1, preset, max_steps=stage1_steps, evaluation_inputs=["请描述这张图片。"], system=system)
-    stage1 = vt.train_stage(work, 1, work.vlm_base_model, files["captions"], files["image"], config1)
+    # the record only: the trained model is saved, and its memory is freed as the cell ends
+    stage1 = vt.public_record(vt.train_stage(work, 1, work.vlm_base_model, files["captions"], files["image"], config1))
 vt.evaluation_table(work, 1)
 
 # %% [markdown]
@@ -137,6 +138,7 @@ vt.evaluation_table(work, 1)
 model1, processor1 = load_vlm(work.vlm_aligned_model)
 stage1_answers = answer_about_image(model1, processor1, files["image"], questions, system)
 control1 = answer_about_image(model1, processor1, control, questions, system)
+del model1  # stage 2 loads its own copy (4-bit on a GPU): this one would only hold memory
 vt.before_after_table(questions, expected, stage1_answers, control=(control1, None))
 
 # %% [markdown]
@@ -154,8 +156,8 @@ config2 = vt.stage_config(2, preset, max_steps=stage2_steps, quantization=quanti
 
 # %%
 if 2 in stages:
-    stage2 = vt.train_stage(work, 2, work.vlm_aligned_model, files["conversations"], files["image"], config2,
-                            vision_lora=vision_lora)
+    stage2 = vt.public_record(vt.train_stage(work, 2, work.vlm_aligned_model, files["conversations"], files["image"],
+                                             config2, vision_lora=vision_lora))  # the adapter is saved; memory freed
     print({k: stage2[k] for k in ("quantization", "steps", "first_loss", "final_loss", "train_seconds")})
     print("trainable parameters:", stage2["parameters"])
 
@@ -183,7 +185,8 @@ table
 # LLaVA model that `AutoModelForImageTextToText` and `AutoProcessor` load.
 
 # %%
-final = vt.merge_vlm(work)
+final = vt.merge_vlm(work, (model2, processor2))  # the adapter model above, merged in place (not loaded again)
+del model2
 merged, merged_processor = load_vlm(final)
 merged_answers = answer_about_image(merged, merged_processor, files["image"], questions, system)
 print("merged model answers as the adapter did:", merged_answers == stage2_answers)
