@@ -73,8 +73,7 @@ def _loss_and_grads(model_dir, plan, rows, length=256):
 
     config = TrainConfig(preset="homework", max_length=length, lora_dropout=0.0, lora_r=16, lora_alpha=32,
                          base_model=model_dir).resolved()
-    model, _ = load_model_for_training(config, plan, model_dir)
-    model.to("cuda")
+    model, _ = load_model_for_training(config, plan, model_dir)  # onto the GPU as it loads
     for name, p in model.named_parameters():  # a trained adapter: lora_B = 0 would hide lora_A's gradient
         if "lora_B" in name:
             torch.manual_seed(1)

@@ -248,6 +248,7 @@ class PackedCausalLM(PeftModelForCausalLM):
     def __init__(self, model, peft_config, plan):
         super().__init__(model, peft_config)
         self.plan = plan
+        self.compile_failed = ""  # why compiled layers could not run here: the run goes on with eager ones
 
     def forward(self, *args, targets=None, labels=None, num_items_in_batch=None, keep=None, **kwargs):
         if targets is None:
@@ -258,10 +259,23 @@ class PackedCausalLM(PeftModelForCausalLM):
         n = num_items_in_batch  # the Trainer's count of trained tokens, a tensor on the GPU: no float() (a sync)
         if torch.is_tensor(n):
             n = n.to(targets.device, torch.float32)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.plan.autocast and targets.is_cuda \
-            else contextlib.nullcontext()
-        with autocast:
-            loss = packed_loss(self.get_base_model(), batch, self.plan.loss, self.plan.loss_chunk, normalizer=n)
+        if self.plan.layers == "compiled" and not self.compile_failed:
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):  # the samples per row vary: one graph for all counts
+                torch._dynamo.maybe_mark_dynamic(batch[key], 0)
+        with contextlib.ExitStack() as stack:
+            if self.plan.autocast and targets.is_cuda:
+                stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            if self.compile_failed:
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            try:
+                loss = packed_loss(self.get_base_model(), batch, self.plan.loss, self.plan.loss_chunk, normalizer=n)
+            except torch._dynamo.exc.TorchDynamoException as e:  # inductor's errors come wrapped in this
+                if self.plan.layers != "compiled" or self.compile_failed:
+                    raise
+                self.compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                print(f"note: compiling the layers failed ({self.compile_failed}); training goes on with eager layers.")
+                return self.forward(*args, targets=targets, labels=labels, num_items_in_batch=num_items_in_batch,
+                                    keep=keep, **kwargs)
         return _packed_output()(loss=loss, exact=ExactLoss(loss.detach().float()))
 
 

@@ -187,6 +187,8 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
         "mean_loss": None if mean_loss is None else round(mean_loss, 6), "train_seconds": round(seconds, 1),
         "resumed_from": resume_from, "peak_memory_mb": round(peak_memory_mb(), 1), "trainable_parameters": trainable,
     }
+    if model.compile_failed:  # the plan's compiled layers could not run here; eager ones trained instead
+        record["compile_failed"] = model.compile_failed
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if plan.strategy == "fsdp" else None
     adapter = work.adapter
     if main:
