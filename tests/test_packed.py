@@ -154,3 +154,28 @@ def test_rows_per_forward_keep_the_update():
     assert split_update(4, 1, 6) == (3, 2)  # rows per forward divide the rows per update
     assert split_update(16, 2, 4) == (4, 1)
     assert split_update(0, 2, 8) == (2, 4)  # never fewer than the configured batch
+
+
+def test_compiled_layers_that_fail_fall_back_to_eager_with_one_sentence(monkeypatch, capsys):
+    """Inductor needs a C compiler and a supported device: where compiling fails, the run goes on eagerly."""
+    from peft import LoraConfig
+
+    model = _tiny_llama()
+    pk.use_kit_attention(model)
+    model = pk.PackedCausalLM(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+                              TrainingPlan(layers="compiled"))
+    batch = Collator(0)(pack_samples(_samples(4, seed=2), 64, seed=0)[:1])
+    real, calls = pk.packed_loss, []
+
+    def first_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("Failed to find C compiler."), None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pk, "packed_loss", first_fails)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and len(calls) == 2 and "C compiler" in model.compile_failed
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("note: compiling the layers failed (RuntimeError: Failed to find C compiler.)") and "\n" not in out
+    assert out.endswith("training goes on with eager layers.")

@@ -272,7 +272,8 @@ class PackedCausalLM(PeftModelForCausalLM):
             except torch._dynamo.exc.TorchDynamoException as e:  # inductor's errors come wrapped in this
                 if self.plan.layers != "compiled" or self.compile_failed:
                     raise
-                self.compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                cause = getattr(e, "inner_exception", None) or e.__cause__ or e  # what inductor itself hit
+                self.compile_failed = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:160]}"
                 print(f"note: compiling the layers failed ({self.compile_failed}); training goes on with eager layers.")
                 return self.forward(*args, targets=targets, labels=labels, num_items_in_batch=num_items_in_batch,
                                     keep=keep, **kwargs)
