@@ -232,6 +232,7 @@ def test_the_merge_and_its_check_run_on_the_gpu_only_where_they_fit(tiny_model_d
 def test_a_gpu_that_runs_out_of_memory_leaves_the_merge_and_its_check_to_the_cpu(tiny_model_dir, adapter_dir,
                                                                                    tmp_path, monkeypatch):
     import helpers.merge as m
+    from helpers.merge import checks, merging
 
     real, tried = m.load_model, []
 
@@ -241,9 +242,10 @@ def test_a_gpu_that_runs_out_of_memory_leaves_the_merge_and_its_check_to_the_cpu
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(m, "load_model", load_model)
-    monkeypatch.setattr(m, "merge_device", lambda *a: "cuda")
-    monkeypatch.setattr(m, "verify_device", lambda *a: "cuda")
+    for module in (merging, checks):  # the merge's loads and its check's
+        monkeypatch.setattr(module, "load_model", load_model)
+    monkeypatch.setattr(merging, "merge_device", lambda *a: "cuda")
+    monkeypatch.setattr(checks, "verify_device", lambda *a: "cuda")
     result = m.merge(tiny_model_dir, adapter_dir, tmp_path / "final")
     # the merge, then its check (inside merge), each tried on the GPU first
     assert result.merged_on == "cpu" and tried[:2] == ["cuda", "cpu"] and tried[2:4] == ["cuda", "cpu"]
