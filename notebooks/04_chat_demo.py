@@ -132,7 +132,10 @@ for label, v in verdicts.items():
           f"{v['identity_on_general']}/{v['general_questions']} held-out general answers")
 
 # %%
+from helpers.generation import TIMINGS
+
 save_results(work, "04_chat_demo", {"identity": identity, "system": system, "max_new_tokens": max_new_tokens,
+                                    "answer_seconds": dict(TIMINGS),  # the GPU benchmark splits the time with it
                                     "rows": table.to_dict(orient="records"), **verdict,
                                     "contrast": verdicts.get("over-fitted contrast"),
                                     "sources": current_sources(work, ("adapter", "final_model"))});

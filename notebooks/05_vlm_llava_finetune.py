@@ -67,6 +67,7 @@ from helpers.vlm_data import (CAPTIONS_FILE, CONVERSATIONS_FILE, PICTURE_FILE, d
                               preset_conversations, scripted_qa, validate_llava_data)
 from helpers import vlm_train as vt
 from helpers.fingerprint import current_sources
+from helpers.generation import TIMINGS
 
 quiet_libraries()
 work = helpers.work(work_dir)
@@ -214,7 +215,8 @@ save_results(work, "05_vlm_llava_finetune", {
     "stage1": vt.public_record(stage1) if 1 in stages else None,
     "stage2": vt.public_record(stage2) if 2 in stages else None, "control_image": str(control),
     "control_stage1_answers": control1, "control_stage2_answers": control2,
-    "sources": current_sources(work, ("vlm_adapter", "vlm_final_model"))});  # what these answers came from
+    "sources": current_sources(work, ("vlm_adapter", "vlm_final_model")),  # what these answers came from
+    "answer_seconds": dict(TIMINGS)});
 
 # %% [markdown]
 # Next: **06 · Publish** — the model and a demo app, ready to share.
