@@ -110,9 +110,15 @@ def test_adapter_for_other_modules_is_one_sentence(tiny_model_dir, adapter_dir, 
 
     other = shutil.copytree(adapter_dir, tmp_path / "internlm_adapter")
     config = json.loads((other / "adapter_config.json").read_text())
-    config["target_modules"] = ["wqkv", "w1", "w2", "w3"]  # InternLM2's layer names
+    config["target_modules"] = ["wqkv", "w1", "w2", "w3"]  # InternLM2's layer names: an XTuner adapter
     (other / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match=r"target_modules .*wqkv.* do not exist in"):
+    with pytest.raises(AdapterError, match=r"is XTuner's pth_to_hf output .*pass it as adapter_dir") as e:
+        merge(tiny_model_dir, other, tmp_path / "final_model")
+    assert "\n" not in str(e.value)
+    _assert_nothing_written(tmp_path)
+    config["target_modules"] = ["gate", "up"]  # names no model of the course has
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"target_modules .*gate.* do not exist in"):
         merge(tiny_model_dir, other, tmp_path / "final_model")
     _assert_nothing_written(tmp_path)
 

@@ -21,7 +21,7 @@ class MergeError(ValueError):
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
     """Check that `path` is a PEFT adapter directory: adapter_config.json and adapter weights."""
-    from .xtuner import xtuner_hint
+    from ..xtuner import xtuner_hint
 
     path = Path(path).expanduser()
     if hint := xtuner_hint(path):  # XTuner's names or checkpoint: PEFT cannot put it on the kit's model as it is

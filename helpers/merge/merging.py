@@ -61,7 +61,7 @@ def merge(base_model: str | os.PathLike, adapter: str | os.PathLike, final_model
             kept = (f"the previous {final_model.name} is kept as it was" if final_model.exists()
                     else f"nothing was written to {final_model}")
             raise MergeError(f"the merged model does not compute base + adapter: {check['problem']}; {kept}.")
-        from .chat_defaults import trained_system_prompt, write_chat_defaults
+        from ..chat_defaults import trained_system_prompt, write_chat_defaults
 
         write_chat_defaults(staging, trained_system_prompt(base_model, adapter) or "")  # the prompt it was trained with
         write_verification(staging, check, base_model, adapter)

@@ -16,8 +16,8 @@ class UnverifiedModelError(ValueError):
 
 def write_verification(model_dir: Path, check: dict, base_model: Path, adapter: Path) -> dict:
     """Record in `model_dir` that it was verified against base + adapter, with the hashes of what was verified."""
-    from .data import atomic_write_text
-    from .fingerprint import folder_hashes, folder_sha256
+    from ..data import atomic_write_text
+    from ..fingerprint import folder_hashes, folder_sha256
 
     record = {"passed": bool(check["passed"]), "problem": check.get("problem", ""),
               "base_model": str(base_model), "base_model_sha256": folder_sha256(base_model),
@@ -42,7 +42,7 @@ def needs_verification(model_dir: str | os.PathLike) -> bool:
 
 def verification_problem(model_dir: str | os.PathLike) -> str:
     """'' when `model_dir` carries a passed verification record that matches its files; else one sentence."""
-    from .fingerprint import folder_hashes
+    from ..fingerprint import folder_hashes
 
     model_dir = Path(model_dir)
     record_file = model_dir / VERIFICATION_FILE
