@@ -279,11 +279,10 @@ def test_ctrl_c_stops_a_class_run_starts_nobody_and_writes_the_summary(tmp_path,
 STUBBORN = """
 import json, signal, sys, time
 from pathlib import Path
-from helpers import classroom
-from helpers.classroom import Task, run_local, run_slurm, SlurmOptions
+from helpers.classroom import Task, live, run_local, run_slurm, SlurmOptions
 
 engine, folder = sys.argv[1], Path(sys.argv[2])
-classroom.STOP_GRACE_S = 600  # only a second Ctrl-C ends the wait for students that ignore SIGTERM
+live.STOP_GRACE_S = 600  # read by live._watch; only a second Ctrl-C ends the wait for students that ignore SIGTERM
 # Each student ignores SIGTERM and says when it is up; it would sleep far past the test's bounds.
 script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(900)"
 tasks = [Task(s, s, [sys.executable, "-c", script], str(folder / f"{s}.log"), str(folder / f"{s}.json"))
