@@ -226,6 +226,20 @@ class _Foreign:
         pass
 
 
+def _read_weight_files(folder: Path, stem: str, lacking: str, bins: str | None = None) -> dict:
+    """Every tensor of a pth_to_hf folder's safetensors files (or, failing those, its .bin files), merged into one
+    dict; one sentence when the folder has neither."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob(f"{stem}.safetensors")) or sorted(folder.glob(f"{bins or stem}.bin"))
+    if not files:
+        raise XTunerError(f"{folder}: has {lacking}; run `xtuner convert pth_to_hf` again.")
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(f)) if f.suffix == ".safetensors" else load_checkpoint(f))
+    return weights
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A torch checkpoint read with weights_only, the classes of other libraries in it replaced by stand-ins."""
     import torch
@@ -343,19 +357,11 @@ def _peft_names(state: dict, source: Path) -> dict:
 
 def read_xtuner_adapter(source: str | os.PathLike) -> tuple[dict, dict, str | None]:
     """(weights under PEFT's names, LoRA settings, the training config's text or None) of an XTuner adapter."""
-    from safetensors.torch import load_file
-
     source = Path(source)
     kind = _source_format(source)
     if kind == "pth_to_hf":
         config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
-        files = sorted(source.glob("adapter_model*.safetensors")) or sorted(source.glob("adapter_model*.bin"))
-        if not files:
-            raise XTunerError(f"{source}: has adapter_config.json but no adapter_model.safetensors or .bin; "
-                              "run `xtuner convert pth_to_hf` again.")
-        weights = {}
-        for f in files:
-            weights.update(load_file(str(f)) if f.suffix == ".safetensors" else load_checkpoint(f))
+        weights = _read_weight_files(source, "adapter_model*", "adapter_config.json but no adapter_model.safetensors or .bin")
         text = (source / "xtuner_config.py").read_text(encoding="utf-8") if (source / "xtuner_config.py").exists() else None
         return weights, {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "bias") if k in config}, text
     if kind == "checkpoint":
@@ -501,8 +507,6 @@ def read_projector(path: str | os.PathLike) -> dict:
     linear_2): from its iter_N.pth (state_dict keys projector.model.0.weight, ...; a file or a DeepSpeed folder)
     or from pth_to_hf's projector/ folder (config.json of model_type 'projector' and model.safetensors or
     pytorch_model.bin, keys model.0.weight, ...)."""
-    from safetensors.torch import load_file
-
     path = Path(path).expanduser()
     folder = path / "projector" if (path / "projector" / "config.json").is_file() else path
     if folder.is_dir() and (folder / "config.json").is_file():
@@ -513,13 +517,8 @@ def read_projector(path: str | os.PathLike) -> dict:
         if config.get("depth", 2) != 2 or config.get("hidden_act", "gelu") != "gelu":
             raise XTunerError(f"{folder}/config.json: a projector of depth {config.get('depth')} with "
                               f"{config.get('hidden_act')!r}; the kit's LLaVA projector is two layers with GELU (depth 2).")
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-        if not files:
-            raise XTunerError(f"{folder}: has config.json but no model.safetensors or pytorch_model.bin; "
-                              "run `xtuner convert pth_to_hf` again.")
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)) if f.suffix == ".safetensors" else load_checkpoint(f))
+        state = _read_weight_files(folder, "*", "config.json but no model.safetensors or pytorch_model.bin",
+                                   bins="pytorch_model*")
     elif path.is_file() or (path / "mp_rank_00_model_states.pt").is_file():
         checkpoint = _deepspeed_state(path) if path.is_dir() else load_checkpoint(path)
         checkpoint = checkpoint.get("state_dict", checkpoint)
