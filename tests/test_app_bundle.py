@@ -48,6 +48,12 @@ def deploy_copy(app_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def without_model_settings(monkeypatch) -> None:
+    """The app reads its model from app_config.json alone: no MODEL_* setting of this shell reaches it."""
+    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_bundle_files(pushed):
     w, url, _ = pushed
     app = w.app
@@ -144,8 +150,7 @@ def test_fetch_refuses_a_repository_that_is_not_a_model(pushed, tmp_path):
 def test_settings_come_from_config_then_environment(pushed, monkeypatch, tmp_path):
     w, url, _ = pushed
     fetch = load_module(w.app / "fetch_model.py")
-    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    without_model_settings(monkeypatch)
     monkeypatch.delenv("MODEL_SYSTEM_PROMPT", raising=False)
     assert fetch.settings(w.app) == {"model_repo_url": url, "revision": "main",
                                      "cache_dir": str(w.app / "model_cache"), "title": "测试助手", "system": None}
@@ -176,8 +181,7 @@ def test_app_from_an_empty_dir_answers_from_the_pulled_model(pushed, tmp_path, m
     from helpers.generation import generate_answers
 
     w, _, result = pushed
-    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    without_model_settings(monkeypatch)
     app = deploy_copy(w.app, tmp_path / "deployed")
     at = _chat(app / "app.py", "请你介绍一下你自己")
     assert (app / "model_cache" / "model" / "model.safetensors").read_bytes() == (w.final_model / "model.safetensors").read_bytes()
@@ -193,8 +197,7 @@ def test_app_serves_the_new_commit_after_a_re_push(pushed, tmp_path, monkeypatch
     from streamlit.testing.v1 import AppTest
 
     w, url, first = pushed
-    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    without_model_settings(monkeypatch)
     app = deploy_copy(w.app, tmp_path / "deployed")
     at = AppTest.from_file(str(app / "app.py"), default_timeout=300).run()
     assert not at.exception and f"serving commit {first.commit[:12]}" in at.caption[-1].value
@@ -222,8 +225,7 @@ def test_app_names_an_unreachable_model_repository(pushed, tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- with the course's fine-tuned model
 def test_course_app_answers_the_identity_question(course_work, tmp_path, monkeypatch):
-    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    without_model_settings(monkeypatch)
     pushed_commit = json.loads(course_work.result("06_publish").read_text())["commit"]
     app = deploy_copy(course_work.app, tmp_path / "deployed")
     at = _chat(app / "app.py", "请你介绍一下你自己")
@@ -299,8 +301,7 @@ def test_app_shows_a_generation_error_and_keeps_it_out_of_the_history(pushed, tm
     from transformers.generation.utils import GenerationMixin
 
     w, _, _ = pushed
-    for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    without_model_settings(monkeypatch)
     app = deploy_copy(w.app, tmp_path / "deployed")
     at = AppTest.from_file(str(app / "app.py"), default_timeout=600).run()
 
