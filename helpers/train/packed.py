@@ -59,6 +59,9 @@ def _block_causal_mask(cu, total, device):
     return (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
 
 
+_VARLEN: dict = {}  # torch's varlen kernel and its keywords, found once by use_kit_attention (not per layer call)
+
+
 def kit_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over one packed row (each sample attends only to itself, causally); any other call (generation,
     a padded batch) is SDPA with the mask transformers built, as the model's own "sdpa" attention computes it."""
@@ -72,12 +75,12 @@ def kit_varlen_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              is_causal=attention_mask is None and t > 1, enable_gqa=hq != hk)
         return out.transpose(1, 2).contiguous(), None
-    if query.is_cuda and varlen_available():
+    if query.is_cuda and _VARLEN.get("fn") is not None:
         if query.dtype not in (torch.bfloat16, torch.float16):  # an fp32 residual stream: flash needs 16-bit
             out, _ = kit_varlen_attention(module, query.to(torch.bfloat16), key.to(torch.bfloat16),
                                           value.to(torch.bfloat16), attention_mask, scaling, dropout, **kwargs)
             return out.to(query.dtype), None
-        fn, causal, gqa = _varlen_call()
+        fn, causal, gqa = _VARLEN["fn"], _VARLEN["causal"], _VARLEN["gqa"]
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
         if hq != hk and not gqa:
             k, v = (x.repeat_interleave(hq // hk, dim=1) for x in (k, v))
@@ -95,6 +98,9 @@ def use_kit_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    if "fn" not in _VARLEN:
+        fn, causal, gqa = _varlen_call() if varlen_available() else (None, {}, False)
+        _VARLEN.update(fn=fn, causal=causal, gqa=gqa)
     AttentionInterface.register(ATTENTION_NAME, kit_varlen_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
