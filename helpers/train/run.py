@@ -200,7 +200,7 @@ def train(config: TrainConfig | None = None, work: Work | None = None, callbacks
     evals = evaluation_rounds(work)
     return record | {"adapter": str(adapter), "answers_before": evals[0]["answers"] if evals else [],
                      "answers_after": evals[-1]["answers"] if evals else [],
-                     "evaluation_inputs": config.evaluation_inputs, "model": model, "plan_object": plan}
+                     "evaluation_inputs": config.evaluation_inputs, "model": model}
 
 
 def save_adapter(model, tokenizer, out_dir: Path, record: dict, state_dict: dict | None = None) -> Path:
