@@ -7,6 +7,8 @@ import json
 import weakref
 from pathlib import Path
 
+from transformers import Trainer, TrainerCallback
+
 from .checkpoints import LOSS_SUM_FILE, complete_checkpoints, mark_complete, remove_dir
 from .config import TrainConfig, TrainingDiverged
 from .plan import TrainingPlan
@@ -53,13 +55,7 @@ def course_trainer(model, args, rows, collator, tokenizer=None, save_total_limit
     return trainer
 
 
-def _trainer_base():
-    from transformers import Trainer
-
-    return Trainer
-
-
-class CourseTrainer(_trainer_base()):
+class CourseTrainer(Trainer):
     """The loss is the model's own forward (a PackedCausalLM's packed loss, or a LLaVA model's); the Trainer's
     token-averaged normalisation is kept (num_items_in_batch), and every update's loss is summed on the device."""
 
@@ -101,13 +97,7 @@ class CourseTrainer(_trainer_base()):
             raise TrainingDiverged(update, float(verdict[1]), float(verdict[2]))
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class NaNGuard(_callback_base()):
+class NaNGuard(TrainerCallback):
     """Once per update, before the optimizer step: a non-finite loss or gradient norm stops training, so no NaN
     reaches the weights, a checkpoint or the adapter. A fused AdamW (the GPU's) is told on the device to skip a bad
     step (its `found_inf`, as a GradScaler does), and the verdict is read one update later, when the GPU has long
@@ -149,7 +139,7 @@ class NaNGuard(_callback_base()):
         trainer.pending_guard = (state.global_step + 1, verdict, event)
 
 
-class CheckpointCallback(_callback_base()):
+class CheckpointCallback(TrainerCallback):
     """After the Trainer writes checkpoint-N: its update is settled (never a checkpoint after a bad one), the loss
     sum is added, the completion mark is written last, and only the newest `limit` complete checkpoints stay.
     A checkpoint without its mark (a kill mid-write) is never resumed from."""
