@@ -143,16 +143,16 @@ def save_vlm(model, processor, out_dir: str | os.PathLike, finish=None) -> Path:
     return Path(out_dir)
 
 
-def load_vlm(path: str | os.PathLike, dtype=None, quantization_config=None):
-    """(model, processor) from a saved LLaVA folder, via the auto classes."""
+def load_vlm(path: str | os.PathLike, dtype=None, quantization_config=None, processor=None):
+    """(model, processor) from a saved LLaVA folder, via the auto classes (`processor`: one already loaded)."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = check_model_dir(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or torch.float32, quantization_config=quantization_config,
         device_map="auto" if quantization_config is not None else None)
-    return model, AutoProcessor.from_pretrained(path)
+    return model, processor or load_vlm_processor(path)
 
 
 def load_vlm_processor(path: str | os.PathLike):

@@ -16,7 +16,7 @@ from .data import IGNORE_INDEX, atomic_write_text, encode_messages
 from .fingerprint import file_sha256, folder_sha256, model_identity
 from .paths import Work
 from .train import TrainConfig, TrainConfigError, peak_memory_mb, share_gpu
-from .vlm import answer_about_image, load_vlm, open_image, save_vlm
+from .vlm import answer_about_image, load_vlm, load_vlm_processor, open_image, save_vlm
 from .vlm_data import IMAGE_TOKEN, load_llava_data
 
 # Per-stage defaults on top of TrainConfig's "tiny" preset (CPU, embedded models) and "homework" preset (GPU).
@@ -111,7 +111,7 @@ def lora_target_pattern(vision_lora: bool = True) -> str:
 
 
 def load_stage_model(model_dir, stage: int, config: TrainConfig, plan, vision_lora: bool = True,
-                     fully_trained: list[str] | None = None):
+                     fully_trained: list[str] | None = None, processor=None):
     """(model, processor) ready to train as `plan` says: stage 1 the projector only; stage 2 LoRA + projector,
     the LLM in the plan's weights (4-bit NF4 keeps the vision tower, projector and output layer in 16 bits)."""
     from peft import LoraConfig, get_peft_model
@@ -121,7 +121,7 @@ def load_stage_model(model_dir, stage: int, config: TrainConfig, plan, vision_lo
 
     quantized = quantization_config(plan, skip=NOT_QUANTIZED) if plan.weights == "nf4" else None
     model, processor = load_vlm(model_dir, dtype=dtype_of("bf16" if plan.weights == "nf4" else plan.weights),
-                                quantization_config=quantized)
+                                quantization_config=quantized, processor=processor)
     if plan.device == "cuda" and quantized is None:
         model.to("cuda")
     model.config.use_cache = False
@@ -185,23 +185,23 @@ def train_stage(work: Work, stage: int, model_dir, data_file, image, config: Tra
     import shutil
 
     import torch
-    from transformers import PrinterCallback
 
     paths = _StagePaths(work.vlm_stage(stage))
     if paths.root.exists():  # each run of a stage starts over (the stages are minutes on a GPU)
         shutil.rmtree(paths.root)
     paths.eval_outputs.mkdir(parents=True)
     share_gpu()  # a class run's share of the card, when several students train on it
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from .train.callbacks import MetricsCallback, ProgressCallback
     from .train.plan import make_plan
     from .train.trainer import course_trainer, training_arguments
 
-    rows = encode_llava_samples(AutoProcessor.from_pretrained(str(model_dir)), data_file, config.max_length)
+    processor = load_vlm_processor(model_dir)  # the rows first: the plan sizes its forwards by the longest
+    rows = encode_llava_samples(processor, data_file, config.max_length)
     plan = make_plan(config, AutoConfig.from_pretrained(str(model_dir)), stage=stage,
                      longest=max(len(r["input_ids"]) for r in rows))
-    model, processor = load_stage_model(model_dir, stage, config, plan, vision_lora, fully_trained)
+    model, processor = load_stage_model(model_dir, stage, config, plan, vision_lora, fully_trained, processor)
     print(f"stage {stage}: {plan.summary()}")
     extra = {"save_strategy": "no"} if stage == 1 else {}  # stage 1's result is the aligned model itself
     config.extra = extra | dict(config.extra)
