@@ -61,3 +61,53 @@ def test_each_module_imports_alone(module):
     got = subprocess.run([sys.executable, "-c", f"import helpers.{module}"], capture_output=True, text=True,
                          cwd=HELPERS.parent, timeout=120)
     assert got.returncode == 0, got.stderr[-2000:]
+
+
+@pytest.mark.parametrize("package", ["publish", "report"])
+def test_publish_and_report_are_packages_of_small_files_by_concern(package):
+    """Each file holds one concern, named in the first line of its docstring, in at most ~400 lines."""
+    files = sorted((HELPERS / package).glob("*.py"))
+    assert not (HELPERS / f"{package}.py").exists() and len(files) > 2, files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        assert doc.strip() and text.startswith('"""'), f"{path} does not open with a docstring saying its concern"
+        assert len(text.splitlines()) <= 400, f"{path} has {len(text.splitlines())} lines"
+
+
+def used_names(package: str) -> set[str]:
+    """The names the notebooks, helpers and tests take from helpers.<package>: imported, or read as an attribute."""
+    root = HELPERS.parent
+    names = set()
+    for path in [*(root / "notebooks").glob("*.py"), *HELPERS.rglob("*.py"), *(root / "tests").glob("*.py")]:
+        if path.parent in (HELPERS / package, HELPERS / "templates"):  # itself, and files the kit fills in
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in (f"helpers.{package}", package) and (
+                    node.module.startswith("helpers.") or node.level):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "helpers" and package in {a.name for a in node.names}:
+                names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                          and isinstance(n.value, ast.Name) and n.value.id == package}
+    return names
+
+
+@pytest.mark.parametrize("package", ["publish", "report"])
+def test_every_name_callers_use_is_still_there(package):
+    import importlib
+
+    module = importlib.import_module(f"helpers.{package}")
+    names = used_names(package)
+    assert {"publish": {"build_model_repo", "PublishError", "file_sha256"}, "report": {"build_report", "CSS"}}[package] <= names
+    missing = sorted(n for n in names if not hasattr(module, n))
+    assert not missing, f"helpers.{package} lost names its callers use: {missing}"
+
+
+def test_publish_and_report_import_nothing_heavy():
+    """A notebook's first import of them stays cheap: huggingface_hub, pandas, jinja2 and torch wait for first use."""
+    heavy = "{'torch', 'transformers', 'huggingface_hub', 'pandas', 'jinja2'}"
+    code = (f"import sys, helpers; before = {{m.split('.')[0] for m in sys.modules}} & {heavy}; "  # helpers may quiet them
+            f"import helpers.publish, helpers.report; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy} - before))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HELPERS.parent, timeout=120)
+    assert got.returncode == 0 and got.stdout.strip() == "[]", got.stdout + got.stderr[-2000:]

@@ -34,7 +34,6 @@ class PushResult:
         return asdict(self)
 
 
-
 def default_remote(work: Work) -> str:
     """A local bare repository WORK/publish/remote.git as a file:// URL (created when missing): the offline target."""
     bare = work.publish_remote
