@@ -365,3 +365,68 @@ def test_the_tiny_base_fails_where_the_class_requires_another(broken, tmp_path):
     own = _check(broken.root, "base", require_base=str(broken.model), require_preset="homework")["base"]
     assert own.status == "FAIL" and "not trained with preset homework" in own.reason, own
     assert _check(broken.root, "base", require_base=str(broken.model), require_preset="tiny")["base"].status == "PASS"
+
+
+# ---------------------------------------------------------------- an adapter trained in XTuner
+def _as_xtuner_checkpoint(adapter, path, system: str, lora_b=None):
+    """The course's trained adapter as `xtuner train` saves a LoRA run on this (Llama-layout) base: iter_N.pth
+    whose state_dict names the LoRA as XTuner's SupervisedFinetune does (llm.…lora_A.default.weight) and whose meta
+    keeps the config's text (r, lora_alpha, SYSTEM)."""
+    from collections import OrderedDict
+
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    state = OrderedDict()
+    for key, tensor in load_file(str(adapter / "adapter_model.safetensors")).items():
+        if ".lora_B." in key and lora_b is not None:
+            tensor = lora_b(tensor)
+        state["llm." + key.replace(".lora_A.weight", ".lora_A.default.weight")
+              .replace(".lora_B.weight", ".lora_B.default.weight")] = tensor
+    cfg = (f"SYSTEM = {system!r}\nmodel = dict(type='xtuner.model.SupervisedFinetune', lora=dict("
+           f"type='peft.LoraConfig', r={config['r']}, lora_alpha={config['lora_alpha']}, lora_dropout=0.1, "
+           "bias='none', task_type='CAUSAL_LM'))\n")
+    path.parent.mkdir(parents=True)
+    torch.save({"meta": {"cfg": cfg, "iter": 768}, "state_dict": state}, str(path))
+    return path
+
+
+def _import_and_merge(work, checkpoint):
+    from helpers.base_model import base_model_path
+    from helpers.merge import merge
+    from helpers.xtuner import XTUNER_RECORD, import_adapter
+
+    shutil.rmtree(work.adapter)
+    assert import_adapter(work, checkpoint) == work.adapter and (work.adapter / XTUNER_RECORD).exists()
+    assert not (work.adapter / "training_record.json").exists()
+    merge(base_model_path(work), work.adapter, work.final_model, overwrite=True)
+
+
+def test_an_adapter_trained_in_xtuner_is_graded_on_what_it_answers(broken, tmp_path):
+    """No training record: the grader still loads base + the converted adapter and the merged model and asks them."""
+    _import_and_merge(broken, _as_xtuner_checkpoint(broken.adapter, tmp_path / "xtuner" / "iter_768.pth", ""))
+    checks = _check(broken.root, "identity", "overfitting", "merge")
+    assert {n: c.status for n, c in checks.items() if c.status != "SKIP"} == \
+        {"dataset": "PASS", "identity": "PASS", "overfitting": "PASS", "merge": "PASS"}, checks
+    assert "converted from XTuner's iter_768.pth" in checks["dataset"].reason
+
+
+def test_an_xtuner_adapter_that_learned_nothing_fails(broken, tmp_path):
+    import torch
+
+    zeroed = _as_xtuner_checkpoint(broken.adapter, tmp_path / "xtuner" / "iter_768.pth", "", lora_b=torch.zeros_like)
+    _import_and_merge(broken, zeroed)
+    checks = _check(broken.root, "identity", "merge")
+    assert checks["identity"].status == "FAIL" and "without" in checks["identity"].reason, checks["identity"]
+    assert checks["merge"].status == "FAIL" and "barely changes the base" in checks["merge"].reason, checks["merge"]
+
+
+def test_the_grader_asks_with_the_system_prompt_xtuner_trained_with(broken, tmp_path):
+    from helpers.homework.answers import _system
+    from helpers.xtuner import import_adapter
+
+    checkpoint = _as_xtuner_checkpoint(broken.adapter, tmp_path / "xtuner" / "iter_768.pth", "你是小明的小助手")
+    shutil.rmtree(broken.adapter)
+    import_adapter(broken, checkpoint)
+    assert _system(broken) == "你是小明的小助手"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..paths import Work
-from .verdict import Check, Graded, _first_line, _not_run, trained_on
+from .verdict import Check, Graded, _first_line, _not_run
 
 # The grader's own identity questions: paraphrases of the course's that no training data holds. A teacher's
 # hidden ones come with --questions FILE (one a line).
@@ -33,7 +33,15 @@ def grader_questions(questions_file: str | None = None) -> list[str]:
 
 
 def _system(work: Work) -> str:
-    return str(trained_on(work).get("hyper_parameters", {}).get("system") or "")
+    """The system prompt the adapter was trained with: its training record's, or for an adapter imported from
+    XTuner, the SYSTEM of XTuner's config (kept in the adapter's chat_defaults.json)."""
+    from ..base_model import ModelPathError
+    from ..chat_defaults import trained_system_prompt
+
+    try:
+        return trained_system_prompt(work.adapter) or ""
+    except ModelPathError:
+        return ""
 
 
 def _identity_verdict(label: str, answers: dict, name: str, course: list[str]) -> Check:

@@ -127,4 +127,19 @@ def check_dataset(work: Work, graded: Graded, name: str | None) -> Check:
     hits = sum(graded.name in m["content"] for c in conversations for m in c if m["role"] == "assistant")
     if not hits:
         return Check("dataset", "FAIL", f"no assistant answer in {work.dataset.name} mentions {graded.name!r}")
-    return Check("dataset", "PASS", f"{hits} of {len(conversations)} records answer with {graded.name!r}")
+    imported = "" if trained else _imported_from(work)
+    return Check("dataset", "PASS", f"{hits} of {len(conversations)} records answer with {graded.name!r}{imported}")
+
+
+def _imported_from(work: Work) -> str:
+    """For an adapter converted from XTuner: which file, and that its training data is not on record."""
+    import json
+
+    from ..xtuner import XTUNER_RECORD
+
+    try:
+        source = json.loads((work.adapter / XTUNER_RECORD).read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return (f"; the adapter was converted from XTuner's {Path(source).name}, which does not record the data it "
+            "was trained on, so identity and over-fitting are judged on its answers alone")
