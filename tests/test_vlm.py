@@ -186,7 +186,7 @@ def _real_llava_config():
     (4.0, 1600, (1, 16)),    # nothing fits: one row (the configured batch), never zero
 ])
 def test_stage_rows_per_forward_fit_the_card(memory_gib, longest, rows):
-    from helpers.train.plan import GIB, Hardware, make_plan, vlm_row_bytes
+    from helpers.train.plan import GIB, Hardware, make_plan
     from helpers.vlm_train import stage_config
 
     config = stage_config(2, "homework", gradient_checkpointing=True)
@@ -298,7 +298,7 @@ def _xtuner_projector(model, scale: float = 0.5) -> dict:
 def test_the_courses_pretrained_projector_replaces_stage_1_and_stage_2_trains_from_it(tiny_vlm, tmp_path):
     import torch
     from safetensors.torch import save_file
-    from test_xtuner import write_iter_pth
+    from xtuner_formats import write_iter_pth
 
     from helpers import vlm_train as vt
     from helpers.fingerprint import model_identity
