@@ -167,7 +167,7 @@ def fine_tune_cost(work: Work, tasks=(COURSE_TASK,), limit: int | None = None, a
             raise EvaluationError(f"{folder}: missing; run notebook {notebook} with this work_dir first.")
     tasks = list(tasks) or [COURSE_TASK]
     _task_specs(tasks)  # an unknown task is refused before any model loads
-    warning = require_verified(work.final_model, allow_unverified)
+    warning = require_verified(work.final_model, allow_unverified, adapter=work.adapter)
     base = base_model_path(work)
     system = trained_system_prompt(work.final_model, work.adapter) or ""  # as training asked, like `helpers chat`
     if models is None:

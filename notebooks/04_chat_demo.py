@@ -67,7 +67,8 @@ data_results = load_results(work, "01_data_generation")
 identity, evaluation_inputs = data_results["answer"], data_results["evaluation_inputs"]
 system = data_results.get("system", "") if system is None else system
 print("expected identity:", identity, "\nsystem prompt:", repr(system))
-print(require_verified(work.final_model, allow_unverified) or "final_model: verified by notebook 03 (its files unchanged since)")
+print(require_verified(work.final_model, allow_unverified, adapter=work.adapter)
+      or "final_model: verified by notebook 03 (its files and the adapter unchanged since)")
 
 # %% [markdown]
 # ## A contrast: the over-fitted adapter

@@ -147,6 +147,18 @@ def test_a_final_model_is_used_only_with_a_matching_record(copy):
         require_verified(final)
 
 
+def test_a_final_model_merged_from_another_adapter_is_refused_beside_the_new_one(copy, tmp_path):
+    """Notebook 02 (or an XTuner import) ran again after 03: 04 and 06 would show another adapter's merge."""
+    from helpers.merge import UnverifiedModelError, require_verified
+
+    base, adapter, final = copy
+    assert require_verified(final, adapter=adapter) == ""
+    retrained = make_adapter(base, tmp_path / "retrained", seed=5)
+    with pytest.raises(UnverifiedModelError, match="was merged from another adapter than .*retrained holds now"):
+        require_verified(final, adapter=retrained)
+    assert require_verified(final) == ""  # the merged model alone is still what it was verified as
+
+
 def test_chat_and_web_refuse_an_unverified_final_model(copy, capsys):
     from helpers.__main__ import main
 

@@ -40,9 +40,10 @@ def needs_verification(model_dir: str | os.PathLike) -> bool:
     return "vision_config" not in _read_json(model_dir / "config.json")
 
 
-def verification_problem(model_dir: str | os.PathLike) -> str:
-    """'' when `model_dir` carries a passed verification record that matches its files; else one sentence."""
-    from ..fingerprint import folder_hashes
+def verification_problem(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> str:
+    """'' when `model_dir` carries a passed verification record that matches its files (and, given `adapter`, was
+    merged from that adapter as it is now); else one sentence."""
+    from ..fingerprint import folder_hashes, folder_sha256
 
     model_dir = Path(model_dir)
     record_file = model_dir / VERIFICATION_FILE
@@ -60,16 +61,21 @@ def verification_problem(model_dir: str | os.PathLike) -> str:
     changed = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
     if changed:
         return f"{model_dir}: {first_names(changed)} changed since the merge was verified; run notebook 03 again"
+    if adapter is not None and Path(adapter).is_dir() and record.get("adapter_sha256") != folder_sha256(adapter):
+        return (f"{model_dir} was merged from another adapter than {adapter} holds now (it was trained or imported "
+                "again after notebook 03 ran), so the two would not answer alike; run notebook 03 again")
     return ""
 
 
-def require_verified(model_dir: str | os.PathLike, allow_unverified: bool = False) -> str:
+def require_verified(model_dir: str | os.PathLike, allow_unverified: bool = False,
+                     adapter: str | os.PathLike | None = None) -> str:
     """Refuse a merged model whose verification is missing, failed or out of date (UnverifiedModelError, one
-    sentence). allow_unverified (a teacher's experiment): returns the warning to show with every output instead.
+    sentence); given `adapter` (what the reader shows beside the merged model), also one merged from another
+    adapter. allow_unverified (a teacher's experiment): returns the warning to show with every output instead.
     Returns '' for a verified model and for folders that are not merged models (a base model)."""
     if not needs_verification(model_dir):
         return ""
-    problem = verification_problem(model_dir)
+    problem = verification_problem(model_dir, adapter)
     if problem and not allow_unverified:
         raise UnverifiedModelError(problem + " (or pass --unverified / allow_unverified=True for an experiment).")
     return f"UNVERIFIED MODEL: {problem}" if problem else ""
