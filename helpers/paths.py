@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 DATA_DIR = REPO_ROOT / "data"
 DEFAULT_WORK_DIR = REPO_ROOT / "work"
+WEB_APP = Path(__file__).resolve().parent / "web_app.py"  # the web demo's streamlit page (helpers web, the app bundle)
 
 
 @dataclass(frozen=True)
