@@ -110,6 +110,7 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
                           "course's models), use llama.cpp's convert_hf_to_gguf.py for this one.")
     if quant not in QUANTS:
         raise ExportError(f"quant {quant!r}: use one of {', '.join(QUANTS)}.")
+    rope_scaling(config, model_dir)  # a kind GGUF lacks is refused before the model loads
     if not (model_dir / "tokenizer.json").exists():
         raise ExportError(f"{model_dir}: no tokenizer.json (a fast tokenizer) to write into the GGUF file; save the "
                           "model's tokenizer with AutoTokenizer.save_pretrained, or export with llama.cpp's script.")
@@ -124,6 +125,24 @@ def write_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant:
         raise
     os.replace(tmp, out_file)
     return out_file
+
+
+DYNAMIC_NOTE = ("its dynamic rope scaling is not written: GGUF has no dynamic NTK scaling, and it acts only beyond "
+                "{n:,} tokens, so up to that length the GGUF file computes what the model does.")
+
+
+def rope_scaling(config, model_dir: Path) -> tuple[str | None, float | None, str]:
+    """(GGUF rope scaling type, factor, a note) for the model's rope settings; ExportError for kinds GGUF lacks."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return None, None, ""
+    if kind == "linear":
+        return "linear", float(params["factor"]), ""
+    if kind == "dynamic":  # InternLM2-7b and -20b: NTK scaling that starts past the trained context
+        return None, None, DYNAMIC_NOTE.format(n=config.max_position_embeddings)
+    raise ExportError(f"{model_dir}/config.json: rope scaling {kind!r} is not one the kit writes to GGUF (none, "
+                      "linear, dynamic); export this model with llama.cpp's convert_hf_to_gguf.py.")
 
 
 def _write(writer, model, tokenizer, config, model_dir: Path, quant: str) -> None:
@@ -146,6 +165,10 @@ def _write(writer, model, tokenizer, config, model_dir: Path, quant: str) -> Non
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
                                     or getattr(config, "rope_theta", 10000.0)))
+    kind, factor, _ = rope_scaling(config, model_dir)
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
 
@@ -208,7 +231,11 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     files = {q: write_gguf(model_dir, out_dir / f"{stem}-{q}.gguf", q) for q in quants}
     modelfile = out_dir / MODELFILE
     atomic_write_text(modelfile, ollama_modelfile(model_dir, files[quants[0]].name, system))
-    return {"gguf": {q: str(p) for q, p in files.items()}, "modelfile": str(modelfile), "system": system}
+    from transformers import AutoConfig
+
+    note = rope_scaling(AutoConfig.from_pretrained(model_dir), model_dir)[2]
+    return {"gguf": {q: str(p) for q, p in files.items()}, "modelfile": str(modelfile), "system": system,
+            "note": f"{Path(model_dir).name}: {note}" if note else ""}
 
 
 def add_command(sub) -> None:
@@ -244,6 +271,8 @@ def _export(args) -> int:
         print(warning)
     for quant, path in result["gguf"].items():
         print(f"{quant}: {path} ({Path(path).stat().st_size / 2**20:.1f} MiB)")
+    if result["note"]:
+        print(f"note: {result['note']}")
     print(f"Ollama: cd {Path(result['modelfile']).parent} && ollama create my-assistant -f {MODELFILE}")
     print(json.dumps({"system": result["system"]}, ensure_ascii=False))
     return 0

@@ -2,6 +2,8 @@
 embedded chat template and stop token; an Ollama Modelfile; the merged VLM refused in one sentence."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,51 @@ def test_an_internlm2_model_keeps_its_sentencepiece_vocabulary(internlm2_convert
     with torch.no_grad():
         want, got = reference(chat).logits, loaded(chat).logits
     assert (want - got).abs().max() <= BOUND["f16"] * want.abs().max()
+
+
+@pytest.fixture(scope="module")
+def internlm2_7b(tmp_path_factory):
+    """internlm2-chat-7b's layout and rope settings (dynamic NTK scaling, factor 2), tiny weights, converted."""
+    from internlm2_standin import build_standin
+
+    from helpers.internlm2 import convert_internlm2
+
+    root = tmp_path_factory.mktemp("internlm2-7b")
+    build_standin(root / "internlm2-chat-7b", family="internlm2-chat-7b")
+    return convert_internlm2(root / "internlm2-chat-7b", root / "converted")
+
+
+def _with_rope(model_dir, tmp_path, rope: dict):
+    shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_theta": 1000000.0, **rope}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "model"
+
+
+def test_dynamic_rope_scaling_is_named_and_the_file_matches_within_the_trained_length(internlm2_7b, tmp_path):
+    import gguf
+
+    from helpers.export import export_gguf
+
+    result = export_gguf(internlm2_7b, tmp_path / "out", quants=("f16",))
+    assert "dynamic rope scaling is not written" in result["note"] and "32,768 tokens" in result["note"]
+    fields = gguf.GGUFReader(result["gguf"]["f16"]).fields
+    assert "llama.rope.scaling.type" not in fields and fields["llama.context_length"].contents() == 32768
+
+
+def test_linear_rope_scaling_goes_into_the_gguf_and_yarn_is_refused(internlm2_7b, tmp_path):
+    import gguf
+
+    from helpers.export import ExportError, write_gguf
+
+    linear = _with_rope(internlm2_7b, tmp_path / "linear", {"rope_type": "linear", "factor": 4.0})
+    fields = gguf.GGUFReader(write_gguf(linear, tmp_path / "linear.gguf")).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    yarn = _with_rope(internlm2_7b, tmp_path / "yarn", {"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 32768})
+    with pytest.raises(ExportError, match="rope scaling 'yarn' is not one the kit writes to GGUF"):
+        write_gguf(yarn, tmp_path / "yarn.gguf")
+    assert not (tmp_path / "yarn.gguf").exists()
