@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 from ..base_model import ModelPathError
-from ..paths import Work, staged_dir
+from ..paths import WEB_APP, Work, staged_dir
 from ..results import read_results
 from .card import TEMPLATES
 from .model_repo import _require_verified, served_system_prompt
 from .remote import PublishError, _check_url, _is_local
 
-WEB_APP = Path(__file__).resolve().parent.parent / "web_app.py"
 APP_REQUIREMENTS = ["streamlit", "transformers", "tokenizers", "torch", "safetensors", "accelerate", "sentencepiece"]
 # A deployed app never edits its own source, and watching it walks every imported module (slow, noisy).
 STREAMLIT_CONFIG = '[server]\nfileWatcherType = "none"\nheadless = true\n\n[browser]\ngatherUsageStats = false\n'
