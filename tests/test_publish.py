@@ -136,6 +136,15 @@ def test_card_degrades_without_results(tmp_path, tiny_model_dir):
     assert "loss.png" not in card and "## Before and after" not in card and "\n\n\n" not in card
 
 
+def test_a_final_model_merged_from_another_adapter_is_not_published(final_work):
+    """02 ran again after 03: the card would describe a training the published weights never had."""
+    final_work.adapter.mkdir(parents=True)
+    (final_work.adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(PublishError, match="was merged from another adapter than .*adapter holds now"):
+        publish.build_model_repo(final_work, "xiaoming-assistant")
+    assert not final_work.model_repo.exists()
+
+
 def test_missing_final_model_is_one_sentence(tmp_path):
     w = make_work(tmp_path / "empty")
     with pytest.raises(PublishError, match="no such directory.*run notebook 03"):

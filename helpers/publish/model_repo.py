@@ -61,7 +61,7 @@ def build_model_repo(work: Work, model_name: str, license: str = "apache-2.0", b
         check_model_dir(source)
     except ModelPathError as e:
         raise PublishError(f"{e} (Publishing needs the merged model: run notebook 03 with this work_dir first.)") from None
-    _require_verified(source, allow_unverified)
+    _require_verified(source, allow_unverified, work.adapter if source == work.final_model else None)
     try:
         system = served_system_prompt(work, source)
     except ModelPathError as e:
@@ -100,12 +100,13 @@ def repo_files(repo_dir: Path) -> list[dict]:
             for p in paths]
 
 
-def _require_verified(model_dir: Path, allow_unverified: bool) -> None:
-    """Publish only a merged model whose merge check passed on the files as they are (merge.require_verified)."""
+def _require_verified(model_dir: Path, allow_unverified: bool, adapter: Path | None = None) -> None:
+    """Publish only a merged model whose merge check passed on the files as they are (merge.require_verified); given
+    the adapter whose training the card describes, only one merged from it."""
     from ..merge import UnverifiedModelError, require_verified
 
     try:
-        warning = require_verified(model_dir, allow_unverified)
+        warning = require_verified(model_dir, allow_unverified, adapter)
     except UnverifiedModelError as e:
         raise PublishError(str(e)) from None
     if warning:
