@@ -430,3 +430,13 @@ def test_the_grader_asks_with_the_system_prompt_xtuner_trained_with(broken, tmp_
     shutil.rmtree(broken.adapter)
     import_adapter(broken, checkpoint)
     assert _system(broken) == "你是小明的小助手"
+
+
+def test_a_name_that_begins_with_a_dash_is_a_name_on_the_command_line(tmp_path, capsys):
+    """`homework check WORK --name -Ann`: the value, not an unknown option (argparse's own reading)."""
+    from helpers.__main__ import joined_text_options
+
+    assert main(["homework", "check", str(tmp_path / "missing"), "--name", "-Ann"]) == 1  # checked, not an error 2
+    assert "does not exist" in capsys.readouterr().out
+    assert joined_text_options(["chat", "m", "--system", "-be brief-", "--name", "-h"]) == \
+        ["chat", "m", "--system=-be brief-", "--name", "-h"]
