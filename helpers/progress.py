@@ -25,6 +25,7 @@ def tqdm(*args, **kwargs):
 def quiet_libraries() -> None:
     """Silence library progress bars and chatter that would clutter a headless notebook."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # lm-eval's "Generating test split" bars
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers
