@@ -278,9 +278,10 @@ def test_app_answers_with_the_system_prompt_the_model_was_trained_with(tiny_mode
     for name in ("MODEL_REPO_URL", "MODEL_REVISION", "MODEL_CACHE_DIR", "MODEL_SYSTEM_PROMPT"):
         monkeypatch.delenv(name, raising=False)
     w = make_work(tmp_path / "work")
-    verified_final_model(tiny_model_dir, w.final_model)  # merged before merge recorded the prompt: the adapter says it
     w.adapter.mkdir(parents=True)
     (w.adapter / "training_record.json").write_text(json.dumps({"hyper_parameters": {"system": SYSTEM}}))
+    # merged before merge recorded the prompt: the adapter says it
+    verified_final_model(tiny_model_dir, w.final_model, adapter=w.adapter)
     repo = publish.build_model_repo(w, "m")
     assert json.loads((repo / "chat_defaults.json").read_text()) == {"system": SYSTEM}
     url = publish.default_remote(w)

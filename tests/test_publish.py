@@ -54,13 +54,15 @@ def clone_with_weights(url: str, dest: Path, env=None) -> Path:
     return dest
 
 
-def verified_final_model(tiny_model_dir, final_model: Path) -> Path:
+def verified_final_model(tiny_model_dir, final_model: Path, adapter: Path | None = None) -> Path:
     """The tiny model as a work dir's final_model, with the passed verification record notebook 03's merge leaves
-    (publishing refuses a final_model without one; merging is tested in test_merge and test_merge_check)."""
+    (publishing refuses a final_model without one, or one merged from another adapter than the work's; merging is
+    tested in test_merge and test_merge_check)."""
     from helpers.merge import write_verification
 
     shutil.copytree(tiny_model_dir, final_model)
-    write_verification(final_model, {"passed": True}, base_model=Path(tiny_model_dir), adapter=Path(tiny_model_dir))
+    write_verification(final_model, {"passed": True}, base_model=Path(tiny_model_dir),
+                       adapter=Path(adapter or tiny_model_dir))
     return final_model
 
 
