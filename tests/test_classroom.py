@@ -336,6 +336,36 @@ def test_ctrl_c_cancels_a_slurm_job_array_through_submitit(tmp_path):
     assert len(_attempts(tmp_path)) == 3
 
 
+JOB = """
+import sys
+from pathlib import Path
+from helpers.classroom import Task
+from helpers.classroom.tasks import run_task
+
+folder = Path(sys.argv[1])
+script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(900)"
+run_task(Task("s1", "s1", [sys.executable, "-c", script], str(folder / "s1.log"), str(folder / "s1.json")))
+"""
+
+
+def test_a_slurm_job_killed_outright_takes_its_student_along(tmp_path):
+    """A job process SIGKILLed before it could stop its student (submitit's local controller kills a cancelled
+    job 1 s after its SIGINT; Slurm after its grace time): the student, which ignores SIGTERM, still ends."""
+    import signal
+
+    job = _start([sys.executable, "-c", JOB, str(tmp_path)], tmp_path / "out.txt")
+    try:
+        log = tmp_path / "s1.log"
+        _wait_for(lambda: log.exists() and "up" in log.read_text(encoding="utf-8"), "the student up")
+        started = _attempts(tmp_path)
+        assert len(started) == 1 and not _gone(started)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        job.kill()
+    _wait_for(lambda: _gone(started), "the student to end with its job", timeout=30)
+
+
 # ---------------------------------------------------------------- any name a student can have
 NAMES = {  # student_id: (as written in the CSV, the name the student gets)
     "dash": ("-Ann", "-Ann"),

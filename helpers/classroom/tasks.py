@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sys
 import subprocess
 import threading
 import time
@@ -67,11 +68,24 @@ def signal_tree(pid: int, sig: int) -> None:
             pass
 
 
+def _killed_with(parent: int):
+    """For a child process (Linux): SIGKILL once `parent` dies, as a Slurm job's cgroup takes its processes along.
+    A job that is cancelled kills its student before it ends, but may itself be killed first (SIGKILL)."""
+    def set_up() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above: nobody is left to stop this student
+            os._exit(1)
+    return set_up
+
+
 class Stop:
     """A class run's stop switch, thrown by the teacher's first Ctrl-C: no student starts after it, the running
     ones are stopped (their whole process tree), and nothing is retried."""
 
-    def __init__(self):
+    def __init__(self, die_with_parent: bool = False):
+        self.die_with_parent = die_with_parent  # students are killed when this process dies (a Slurm job's)
         self.requested = threading.Event()
         self._lock = threading.RLock()  # re-entered when a second Ctrl-C lands while the first is stopping students
         self._running: set = set()
@@ -82,6 +96,8 @@ class Stop:
         with self._lock:
             if self.requested.is_set():
                 return None
+            if self.die_with_parent and sys.platform.startswith("linux"):
+                kw["preexec_fn"] = _killed_with(os.getpid())
             proc = subprocess.Popen(argv, start_new_session=True, **kw)
             self._running.add(proc)
             return proc
@@ -103,7 +119,7 @@ class Stop:
 def run_task(task: Task, gpu: str | None = None, stop: Stop | None = None) -> dict:
     """Run one student's command in its own process, retrying once on failure: exit code, attempts, times.
     `stop`: the class run's switch; once thrown, the student is stopped and not retried ("interrupted")."""
-    stop = stop or Stop()  # on a Slurm node: the job's own, never thrown (cancelling the job ends this call)
+    stop = stop or Stop(die_with_parent=True)  # on a Slurm node: the job's own, never thrown (a cancel ends the job)
     env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
