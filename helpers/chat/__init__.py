@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ..chat_defaults import CHAT_DEFAULTS_FILE, trained_system_prompt, write_chat_defaults
 from ..terminal import run_cli
-from .cli import PROMPT_TEMPLATES, _default_model_dir, add_command, check_prompt_template, web_command, web_demo_transcript
+from .cli import (PROMPT_TEMPLATES, _default_model_dir, add_command, check_prompt_template, web_command,
+                  web_demo_transcript)
 from .compare import (LEAK_RUN, CourseModels, before_after, general_questions, leaks_identity, load_course_models,
                       overfitting_check)
 from .session import ChatError, ChatSession, GenerationSettings, load_chat_model, stream_reply

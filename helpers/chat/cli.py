@@ -1,4 +1,5 @@
-"""`python -m helpers chat` (the terminal chat, XTuner's --prompt-template spelling checked) and `python -m helpers web`."""
+"""`python -m helpers chat` (the terminal chat, XTuner's --prompt-template spelling checked) and
+`python -m helpers web` (the web demo)."""
 from __future__ import annotations
 
 import os

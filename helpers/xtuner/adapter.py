@@ -11,6 +11,7 @@ from .checkpoints import (XTUNER_RECORD, XTUNER_VERSION, _config_beside, _deepsp
                           _read_weight_files, _source_format, load_checkpoint, source_sha256)
 from .settings import XTunerError, lora_settings, read_settings
 
+# InternLM2's top-level modules -> the kit's (per-layer ones are in internlm2.LAYER_RENAMES).
 TOP_RENAMES = {"model.tok_embeddings": "model.embed_tokens", "output": "lm_head", "model.norm": "model.norm"}
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>(?:lora_(?:A|B|embedding_A|embedding_B|"
                       r"magnitude_vector))(?:\.weight)?|weight|bias)$")

@@ -1,4 +1,5 @@
-"""In: XTuner's adapter files as they lie on disk (pth_to_hf output, mmengine's iter_N.pth, a DeepSpeed iter_N.pth folder), read without XTuner, mmengine or DeepSpeed installed."""
+"""In: XTuner's adapter files as they lie on disk (pth_to_hf output, mmengine's iter_N.pth, a DeepSpeed iter_N.pth
+folder), read without XTuner, mmengine or DeepSpeed installed."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ FORMATS = {"pth_to_hf": "XTuner's pth_to_hf output (a PEFT adapter folder)",
            "checkpoint": "an XTuner iter_N.pth checkpoint",
            "deepspeed": "an XTuner iter_N.pth DeepSpeed checkpoint folder"}
 INTERNLM2_LINEAR = {"wqkv", "wo", "w1", "w2", "w3"}
-# InternLM2's top-level modules -> the kit's (per-layer ones are in internlm2.LAYER_RENAMES).
 
 
 class _Foreign:

@@ -43,7 +43,7 @@ def xtuner_table(config):
                          for f, v, p, n in XTUNER_FIELDS]).set_index("XTuner field")
 
 
-# ---------------------------------------------------------------- out: this run as an XTuner config
+# This run as an XTuner config.
 CONFIG_NAME = "internlm2_1_8b_qlora_alpaca_e3_copy.py"  # the name of camp2's copy of XTuner's config
 CONFIG_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "xtuner_qlora_config.py"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
