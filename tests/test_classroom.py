@@ -238,11 +238,21 @@ def _ctrl_c(proc) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal's foreground job has them; an ignored signal would otherwise
+    be inherited from whatever ran pytest (or from a library in this process that ignores it)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(argv: list[str], out: Path):
     import subprocess
 
     return subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent, stdout=out.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # a process group, as in a terminal
+                            stderr=subprocess.STDOUT, start_new_session=True,  # a process group, as in a terminal
+                            preexec_fn=_default_signals)
 
 
 def test_ctrl_c_stops_a_class_run_starts_nobody_and_writes_the_summary(tmp_path, tiny_model_dir):
